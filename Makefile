@@ -1,0 +1,46 @@
+# worldmodel — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Fall back to python3 where no python3.11 binary is on the PATH.
+ifeq ($(shell command -v $(PYTHON) 2>/dev/null),)
+PYTHON := python3
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help setup pipeline test test-all lint ui clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv and install the package (editable) with its test extras
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+pipeline: setup ## run every stage in order on the default config (ARGS="..." adds overrides)
+	$(PY) -m worldmodel stage=collect $(ARGS)
+	$(PY) -m worldmodel stage=merge $(ARGS)
+
+test: setup ## the fast test suite (what CI runs)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup ## every test, slow ones included
+	$(PY) -m pytest -q
+
+lint: setup ## ruff
+	$(BIN)/ruff check worldmodel tests
+	$(BIN)/ruff format --check worldmodel tests
+
+ui: setup ## MLflow UI on the local store, at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## delete everything under outputs/ (runs, datasets, the MLflow store)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

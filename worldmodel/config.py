@@ -1,0 +1,82 @@
+"""Config helpers: the project root resolver, fail-fast validation, flattening for MLflow params."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from worldmodel.errors import WorldModelError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wm_root"):
+        OmegaConf.register_new_resolver("wm_root", lambda: str(PROJECT_ROOT))
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config → {"a.b.c": value}, lists kept as their string form (MLflow params are strings)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---- validation: one line naming the key, before any work starts -------------------------------
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(value, ListConfig):
+        return list(value)
+    return value
+
+
+def check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str) -> None:
+    value = _get(cfg, key)
+    try:
+        good = ok(value)
+    except (TypeError, ValueError):
+        good = False
+    if not good:
+        raise WorldModelError(f"config key '{key}' must be {expected} (got {value!r})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def positive_int(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        check(cfg, key, lambda v: _is_int(v) and v > 0, "a positive integer")
+
+
+def positive_number(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        check(cfg, key, lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+              "a positive number")
+
+
+def one_of(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    check(cfg, key, lambda v: v in choices, f"one of {choices}")
+
+
+def validate_common(cfg: DictConfig) -> None:
+    """Settings every stage relies on."""
+    check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    positive_int(cfg, "env.image_size", "latent.size")
+    check(cfg, "env.crop_bottom", lambda v: _is_int(v) and 0 <= v < 96, "an integer in [0, 96)")
+    one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
+    check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")

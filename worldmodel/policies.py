@@ -1,0 +1,86 @@
+"""Action policies for data collection. Each draws only from the generator it is given, so an
+episode's actions depend on its seed alone."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+from omegaconf import DictConfig
+
+from worldmodel.errors import WorldModelError
+
+
+class Policy(Protocol):
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        """Action for step `t` of the episode, given the preprocessed frame."""
+
+
+class PseudoRandomPolicy:
+    """Seed 000: a warm-up action, then every `refresh` steps a new one of accelerate / left /
+    right / brake with probabilities `probs` and a magnitude r ~ U(0, 1), held until the next."""
+
+    def __init__(self, cfg: DictConfig, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.warmup = int(cfg.warmup)
+        self.warmup_action = np.asarray(cfg.warmup_action, dtype=np.float32)
+        self.refresh = int(cfg.refresh)
+        self.probs = np.asarray(cfg.probs, dtype=np.float64)
+        self.action = self.warmup_action
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        if t < self.warmup:
+            self.action = self.warmup_action
+        elif (t - self.warmup) % self.refresh == 0:
+            kind = self.rng.choice(4, p=self.probs)
+            r = self.rng.random()
+            self.action = np.array(
+                [[0.0, r, 0.0], [-r, 0.0, 0.0], [r, 0.0, 0.0], [0.0, 0.0, r]][kind], dtype=np.float32
+            )
+        return self.action
+
+
+class RandomPolicy:
+    """Seeds 003/004: a uniform sample of the action box, held for `refresh` steps."""
+
+    def __init__(self, cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> None:
+        self.rng, self.low, self.high = rng, low, high
+        self.refresh = int(cfg.refresh)
+        self.action = None
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        if t % self.refresh == 0 or self.action is None:
+            self.action = self.rng.uniform(self.low, self.high).astype(np.float32)
+        return self.action
+
+
+class BrownianPolicy:
+    """ctallec/world-models: a random walk in the action box, a ← clip(a + √dt · N(0, I))."""
+
+    def __init__(self, cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> None:
+        self.rng, self.low, self.high = rng, low, high
+        self.scale = math.sqrt(float(cfg.dt))
+        self.action = None
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        if self.action is None:
+            self.action = self.rng.uniform(self.low, self.high).astype(np.float32)
+        else:
+            step = self.scale * self.rng.standard_normal(self.low.shape)
+            self.action = np.clip(self.action + step, self.low, self.high).astype(np.float32)
+        return self.action
+
+
+def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Policy:
+    name = cfg.name
+    if name == "pseudo_random":
+        return PseudoRandomPolicy(cfg, rng)
+    if name == "random":
+        return RandomPolicy(cfg, rng, low, high)
+    if name == "brownian":
+        return BrownianPolicy(cfg, rng, low, high)
+    if name == "controller":
+        raise WorldModelError("policy=controller needs the evolve stage, which is not implemented yet")
+    raise WorldModelError(f"config key 'policy.name' must be one of pseudo_random, random, brownian, "
+                          f"controller (got {name!r})")

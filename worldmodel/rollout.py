@@ -1,0 +1,58 @@
+"""One episode of a policy in the env: the unit of work of the collect workers.
+
+Episode i is seeded from (seed, i) alone, so a dataset does not depend on how episodes are split
+between workers or machines.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from worldmodel.data.rollouts import Episode
+from worldmodel.envs import make_env, preprocess
+from worldmodel.policies import make_policy
+
+_ENV = None  # one env per worker process, reused across episodes
+
+
+def episode_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
+    """The env's reset seed and the policy's generator for episode `index`."""
+    env_ss, policy_ss = np.random.SeedSequence([seed, index]).spawn(2)
+    return int(env_ss.generate_state(1)[0]), np.random.default_rng(policy_ss)
+
+
+def run_episode(cfg: DictConfig, index: int) -> Episode:
+    global _ENV
+    if _ENV is None:
+        _ENV = make_env(cfg.env)
+    env = _ENV
+    steps, size, crop = int(cfg.collect.max_steps), int(cfg.env.image_size), int(cfg.env.crop_bottom)
+    reset_on_done = bool(cfg.collect.reset_on_done)
+    env_seed, rng = episode_seeds(int(cfg.seed), index)
+    policy = make_policy(cfg.policy, rng, env.action_space.low, env.action_space.high)
+
+    images = np.zeros((steps, size, size, 3), np.uint8)
+    actions = np.zeros((steps, env.action_space.shape[0]), np.float32)
+    rewards = np.zeros(steps, np.float32)
+    dones = np.ones(steps, bool)  # padding after an early end counts as done
+    obs, _ = env.reset(seed=env_seed)
+    length = steps
+    for t in range(steps):
+        images[t] = preprocess(obs, crop, size)
+        actions[t] = policy.act(images[t], t)
+        obs, reward, terminated, truncated, _ = env.step(actions[t])
+        rewards[t] = reward
+        dones[t] = terminated or truncated
+        if dones[t]:
+            if not reset_on_done:
+                length = t + 1
+                break
+            obs, _ = env.reset()  # seed 000: keep going on a new track, the done flag marks the cut
+    return Episode(images, actions, rewards, dones, length, index)
+
+
+def run_episode_task(args: tuple[dict, int]) -> Episode:
+    """Pool entry point: the config travels as a plain dict."""
+    cfg, index = args
+    return run_episode(OmegaConf.create(cfg), index)

@@ -1,0 +1,141 @@
+"""collect: roll out a policy in parallel workers and write compressed HDF5 shards.
+
+Shard k holds episodes [k·S, (k+1)·S) with S = collect.episodes_per_shard. Workers only roll out;
+this process writes each episode into its shard as it arrives, under a `.partial` name that becomes
+`shard_XXXXX.h5` once the shard is complete. Resuming (inputs.resume=<run id>) keeps the complete
+shards and collects only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from worldmodel import tracking
+from worldmodel.config import check, one_of, positive_int
+from worldmodel.data import rollouts
+from worldmodel.images import mosaic
+from worldmodel.rollout import run_episode, run_episode_task
+
+log = logging.getLogger(__name__)
+SHARDS = "shards"
+
+
+def validate(cfg: DictConfig) -> None:
+    positive_int(cfg, "collect.episodes", "collect.max_steps", "collect.episodes_per_shard")
+    check(cfg, "collect.workers", lambda v: v is None or (isinstance(v, int) and v > 0),
+          "null (all cores) or a positive integer")
+    check(cfg, "collect.reset_on_done", lambda v: isinstance(v, bool), "true or false")
+    one_of(cfg, "policy.name", ["pseudo_random", "random", "brownian", "controller"])
+    if cfg.policy.name == "pseudo_random":
+        check(cfg, "policy.probs", lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
+              "four non-negative probabilities summing to 1")
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.h5"
+
+
+def run(cfg: DictConfig) -> str:
+    episodes, per_shard = int(cfg.collect.episodes), int(cfg.collect.episodes_per_shard)
+    workers = int(cfg.collect.workers or os.cpu_count() or 1)
+    n_shards = -(-episodes // per_shard)
+    tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
+
+    with tracking.stage_run(cfg, "collect", ["env", "policy", "collect"], tags=tags,
+                            resume=cfg.inputs.resume, may_change=["collect.workers"]) as run:
+        out_dir, in_place = tracking.local_artifact_dir(SHARDS)
+        done = _complete_shards(run.info.run_id, n_shards, in_place, out_dir)
+        todo = [i for k in range(n_shards) if k not in done
+                for i in range(k * per_shard, min((k + 1) * per_shard, episodes))]
+        log.info("collect: %d episodes × %d steps with %d workers (%d shards already complete)",
+                 len(todo), cfg.collect.max_steps, workers, len(done))
+
+        attrs = {"env_id": str(cfg.env.id), "image_size": int(cfg.env.image_size),
+                 "crop_bottom": int(cfg.env.crop_bottom), "max_steps": int(cfg.collect.max_steps),
+                 "reset_on_done": bool(cfg.collect.reset_on_done), "policy": str(cfg.policy.name),
+                 "seed": int(cfg.seed), "run_id": run.info.run_id}
+        open_shards: dict[int, tuple] = {}  # shard → (h5 file, partial path, episodes still to come)
+        returns, samples = [], []
+        start = time.perf_counter()
+        try:
+            with tqdm(total=len(todo), desc="collect", unit="ep") as bar:
+                for ep in _episodes(cfg, todo, workers):
+                    k = ep.index // per_shard
+                    if k not in open_shards:
+                        size = min(per_shard, episodes - k * per_shard)
+                        partial = out_dir / (shard_name(k) + ".partial")
+                        f = rollouts.create(partial, size, int(cfg.collect.max_steps), int(cfg.env.image_size),
+                                            ep.actions.shape[1], attrs)
+                        open_shards[k] = (f, partial, size)
+                    f, partial, remaining = open_shards[k]
+                    rollouts.write_episode(f, ep.index - k * per_shard, ep)
+                    if remaining == 1:
+                        rollouts.finish(f, partial, out_dir / shard_name(k))
+                        tracking.publish(out_dir / shard_name(k), SHARDS, in_place)
+                        del open_shards[k]
+                    else:
+                        open_shards[k] = (f, partial, remaining - 1)
+                    returns.append(ep.episode_return)
+                    samples.extend(_sample_frames(ep, cfg.collect.mosaic_frames, episodes))
+                    bar.update(1)
+                    bar.set_postfix(ret=f"{np.mean(returns):.1f}")
+                    mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
+        except BaseException:
+            for f, partial, _ in open_shards.values():  # an interrupted shard is not kept
+                f.close()
+                partial.unlink(missing_ok=True)
+            raise
+        elapsed = time.perf_counter() - start
+        frames = len(todo) * int(cfg.collect.max_steps)
+        metrics = {"episodes": float(episodes), "frames": float(episodes * cfg.collect.max_steps),
+                   "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}
+        if returns:
+            metrics |= {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
+        mlflow.log_metrics(metrics)
+        if samples:
+            mlflow.log_image(mosaic(samples[: cfg.collect.mosaic_frames]), "sample_frames.png")
+        log.info("collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s", frames,
+                 metrics["frames_per_s"], metrics.get("return_mean", 0), metrics.get("return_std", 0),
+                 run.info.run_id)
+        return run.info.run_id
+
+
+def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) -> set[int]:
+    """Shards already finished by an earlier attempt of this run; leftovers of an interrupted shard go."""
+    for partial in out_dir.glob("*.partial"):
+        partial.unlink()  # an incomplete output of this same run, never an input
+    present = {Path(p).name for p in tracking.list_artifacts(run_id, SHARDS)}
+    done = set()
+    for k in range(n_shards):
+        if shard_name(k) in present:
+            path = out_dir / shard_name(k) if in_place else tracking.artifact_path(run_id, f"{SHARDS}/{shard_name(k)}")
+            rollouts.inspect(path)
+            done.add(k)
+    return done
+
+
+def _episodes(cfg: DictConfig, indices: list[int], workers: int):
+    """Episodes in completion order; a pool of `workers` processes, or this one when 1."""
+    if workers == 1 or len(indices) <= 1:
+        for i in indices:
+            yield run_episode(cfg, i)
+        return
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    # spawn: a clean interpreter per worker, no inherited MLflow/SQLite state or threads.
+    with mp.get_context("spawn").Pool(min(workers, len(indices))) as pool:
+        yield from pool.imap_unordered(run_episode_task, [(plain, i) for i in indices])
+
+
+def _sample_frames(ep: rollouts.Episode, wanted: int, episodes: int) -> list[np.ndarray]:
+    per_episode = -(-int(wanted) // episodes)
+    steps = np.linspace(0, ep.length - 1, per_episode + 2, dtype=int)[1:-1]
+    return [ep.images[t] for t in steps]

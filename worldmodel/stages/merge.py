@@ -1,0 +1,82 @@
+"""merge: gather the shards of one or more collect runs into one verified dataset.
+
+Every shard is checked (schema, dtypes, shapes, equal settings, every episode present) before a byte
+is written; the dataset is written as `dataset.h5.partial` and renamed when complete. Shards are
+never deleted. Episode order: the collect runs in the order given, episodes by index within each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import mlflow
+from omegaconf import DictConfig, ListConfig
+from tqdm import tqdm
+
+from worldmodel import tracking
+from worldmodel.config import check, positive_int
+from worldmodel.data import rollouts
+from worldmodel.data.merge import merge_files
+from worldmodel.errors import WorldModelError
+
+log = logging.getLogger(__name__)
+DATASET = "dataset.h5"
+
+
+def validate(cfg: DictConfig) -> None:
+    check(cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)")
+    positive_int(cfg, "merge.chunk_frames")
+    check(cfg, "merge.compression_level", lambda v: isinstance(v, int) and 0 <= v <= 9, "an integer in [0, 9]")
+
+
+def collect_run_ids(cfg: DictConfig) -> list[str | None]:
+    given = cfg.inputs.collect
+    if given is None:
+        return [None]
+    if isinstance(given, ListConfig | list):
+        return [str(x) for x in given]
+    return [str(given)]
+
+
+def run(cfg: DictConfig) -> str:
+    compat = {"image_size": str(cfg.env.image_size)}
+    sources = [tracking.resolve_run(cfg, "collect", rid, compat) for rid in collect_run_ids(cfg)]
+    ids = [r.info.run_id for r in sources]
+    if len(set(ids)) != len(ids):
+        raise WorldModelError(f"inputs.collect lists a run twice: {ids}")
+
+    # Verify everything before writing anything.
+    infos, owners = [], []
+    for source in sources:
+        rid = source.info.run_id
+        names = sorted(p for p in tracking.list_artifacts(rid, "shards") if p.endswith(".h5"))
+        if not names:
+            raise WorldModelError(f"collect run {rid} has no shards; re-run it or pick another run")
+        run_infos = [rollouts.inspect(tracking.artifact_path(rid, name)) for name in names]
+        expected = int(source.data.params.get("collect.episodes", sum(i.episodes for i in run_infos)))
+        found = sum(i.episodes for i in run_infos)
+        if found != expected:
+            raise WorldModelError(f"collect run {rid} has {found} of its {expected} episodes; "
+                                  f"resume it with `stage=collect inputs.resume={rid}`")
+        infos += run_infos
+        owners += [rid] * len(run_infos)
+    rollouts.check_same_settings(infos)
+    log.info("merge: %d shards from %d collect run(s) verified", len(infos), len(ids))
+
+    upstream = {"collect": ",".join(ids)}
+    tags = {"image_size": str(cfg.env.image_size)}
+    with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
+        out_dir, in_place = tracking.local_artifact_dir("")
+        total = sum(i.episodes for i in infos)
+        start = time.perf_counter()
+        with tqdm(total=total, desc="merge", unit="ep") as bar:
+            metrics = merge_files(infos, owners, out_dir / DATASET, float(cfg.merge.val_fraction), int(cfg.seed),
+                                  int(cfg.merge.chunk_frames), int(cfg.merge.compression_level), bar.update)
+        elapsed = time.perf_counter() - start
+        metrics["mb_per_s"] = metrics["bytes"] / 2**20 / elapsed
+        tracking.publish(out_dir / DATASET, "", in_place)
+        mlflow.log_metrics(metrics)
+        log.info("merge: %d episodes, %.1f MB (%.1f× smaller than raw) → run %s", metrics["episodes"],
+                 metrics["bytes"] / 2**20, metrics["compression_ratio"], run.info.run_id)
+        return run.info.run_id

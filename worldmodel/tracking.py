@@ -1,0 +1,228 @@
+"""MLflow conventions shared by every stage.
+
+- Store: `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite under `paths.outputs`, with
+  artifacts under `paths.outputs/artifacts`.
+- One experiment per env; runs tagged with stage, env, pipeline, git commit and upstream run ids.
+- Params: the config sections the stage reads, flattened; the full config and `.hydra/` as artifacts.
+- A run that raises ends FAILED (KILLED on Ctrl-C), so it is never picked up as an input.
+- Inputs are found by explicit run id or as the latest FINISHED compatible run of the upstream stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from worldmodel.config import PROJECT_ROOT, flatten
+from worldmodel.errors import WorldModelError
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.mlflow.tracking_uri:
+        return str(cfg.mlflow.tracking_uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.paths.outputs).resolve() / 'mlflow.db'}"
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the store and select the experiment; returns the experiment id."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = str(cfg.mlflow.experiment)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        # A local store keeps artifacts beside it; a server decides for itself.
+        location = None
+        if uri.startswith("sqlite:") or uri.startswith("file:"):
+            location = (Path(cfg.paths.outputs).resolve() / "artifacts").as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a parallel job of a sweep
+            pass
+        experiment = mlflow.get_experiment_by_name(name)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _check_resume(run: Run, stage: str, params: dict[str, str], may_change: Sequence[str]) -> None:
+    if run.data.tags.get("stage") != stage:
+        raise WorldModelError(f"inputs.resume={run.info.run_id} is a '{run.data.tags.get('stage')}' run, "
+                              f"not a {stage} run")
+    if run.info.status == "FINISHED":
+        raise WorldModelError(f"inputs.resume={run.info.run_id} already FINISHED; nothing to resume")
+    for key, value in params.items():
+        old = run.data.params.get(key)
+        if old is not None and old != value and key not in may_change:
+            raise WorldModelError(f"inputs.resume={run.info.run_id}: '{key}' was {old} in that run, now "
+                                  f"{value}; resume with the same settings")
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: DictConfig,
+    stage: str,
+    sections: Sequence[str],
+    upstream: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    resume: str | None = None,
+    may_change: Sequence[str] = (),
+) -> Iterator[Run]:
+    """Start (or resume) the MLflow run of one stage; end it FINISHED, FAILED or KILLED."""
+    setup(cfg)
+    params = {k: str(v) for s in sections for k, v in flatten(cfg[s], prefix=f"{s}.").items()}
+    if "seed" in cfg:
+        params["seed"] = str(cfg.seed)
+    if resume:
+        try:
+            previous = mlflow.get_run(resume)
+        except MlflowException as err:
+            raise WorldModelError(f"inputs.resume={resume}: no such run in {tracking_uri(cfg)}") from err
+        _check_resume(previous, stage, params, may_change)
+        params = {k: v for k, v in params.items() if k not in previous.data.params}
+    nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
+    active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
+    try:
+        all_tags = {"stage": stage, "env": str(cfg.env.id), "git_commit": git_commit(), **(tags or {})}
+        if cfg.mlflow.pipeline:
+            all_tags["pipeline"] = str(cfg.mlflow.pipeline)
+        for key, run_id in (upstream or {}).items():
+            all_tags[f"upstream.{key}"] = run_id
+        mlflow.set_tags(all_tags)
+        if params:
+            mlflow.log_params(params)
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        hydra_dir = _hydra_output_dir()
+        if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+            mlflow.log_artifacts(str(hydra_dir / ".hydra"), "config/hydra")
+        yield mlflow.get_run(active.info.run_id)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        hydra_dir = _hydra_output_dir()
+        if hydra_dir is not None:
+            log_file = hydra_dir / f"{stage}.log"
+            if log_file.is_file():
+                mlflow.log_artifact(str(log_file), "logs")
+        mlflow.end_run("FINISHED")
+
+
+# ---- artifacts ------------------------------------------------------------------------------------
+
+
+def local_artifact_dir(subpath: str) -> tuple[Path, bool]:
+    """A local directory for the active run's artifacts under `subpath`.
+
+    For a local store this *is* the run's artifact directory (large files are written once, in place)
+    and the flag is True; for a remote store it is a staging directory to `publish` from.
+    """
+    uri = mlflow.get_artifact_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path)) / subpath
+        in_place = True
+    else:
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / "worldmodel-staging" / mlflow.active_run().info.run_id
+        path = path / subpath
+        in_place = False
+    path.mkdir(parents=True, exist_ok=True)
+    return path, in_place
+
+
+def publish(file: Path, subpath: str, in_place: bool) -> None:
+    """Make a finished file visible as an artifact (a no-op where it was written in place)."""
+    if not in_place:
+        mlflow.log_artifact(str(file), subpath)
+
+
+def artifact_path(run_id: str, path: str) -> Path:
+    """A local path to an artifact of a run: in place for a local store, downloaded otherwise."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+    except (MlflowException, OSError) as err:
+        raise WorldModelError(f"run {run_id} has no artifact '{path}' ({err.__class__.__name__}); "
+                              "was it produced by this version of worldmodel?") from err
+
+
+def list_artifacts(run_id: str, path: str) -> list[str]:
+    return [a.path for a in MlflowClient().list_artifacts(run_id, path) if not a.is_dir]
+
+
+# ---- resolving inputs -----------------------------------------------------------------------------
+
+
+def _how_to_make(stage: str) -> str:
+    return f"run `python -m worldmodel stage={stage}` first, or pass inputs.{stage}=<run id>"
+
+
+def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[str, str]) -> Run:
+    """The upstream run of `stage`: the given id (checked), or the latest FINISHED compatible one."""
+    setup(cfg)
+    if run_id:
+        try:
+            run = mlflow.get_run(str(run_id))
+        except MlflowException as err:
+            raise WorldModelError(f"inputs.{stage}={run_id}: no such run in {tracking_uri(cfg)}") from err
+        if run.data.tags.get("stage") != stage:
+            raise WorldModelError(f"inputs.{stage}={run_id} is a '{run.data.tags.get('stage')}' run, "
+                                  f"not a {stage} run")
+        if run.info.status != "FINISHED":
+            raise WorldModelError(f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; "
+                                  "resume it with inputs.resume=<id> or pick another run")
+        for key, want in compat.items():
+            have = run.data.tags.get(key)
+            if have is not None and have != str(want):
+                raise WorldModelError(f"inputs.{stage}={run_id} has {key}={have}, this config needs "
+                                      f"{key}={want}")
+        return run
+    filters = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'"]
+    filters += [f"tags.{k} = '{v}'" for k, v in compat.items()]
+    if cfg.mlflow.pipeline:
+        filters.append(f"tags.pipeline = '{cfg.mlflow.pipeline}'")
+    experiment = mlflow.get_experiment_by_name(str(cfg.mlflow.experiment))
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id], filter_string=" and ".join(filters),
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    if not runs:
+        wanted = ", ".join(f"{k}={v}" for k, v in compat.items())
+        raise WorldModelError(f"no FINISHED {stage} run with {wanted} in experiment "
+                              f"'{cfg.mlflow.experiment}'; {_how_to_make(stage)}")
+    return runs[0]
+
