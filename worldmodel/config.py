@@ -64,8 +64,12 @@ def positive_int(cfg: DictConfig, *keys: str) -> None:
 
 def positive_number(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
-        check(cfg, key, lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
-              "a positive number")
+        check(
+            cfg,
+            key,
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+            "a positive number",
+        )
 
 
 def one_of(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:

@@ -19,5 +19,5 @@ def mosaic(frames: np.ndarray | list[np.ndarray], columns: int | None = None, pa
     for i, frame in enumerate(frames):
         r, c = divmod(i, columns)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y:y + h, x:x + w] = frame
+        canvas[y : y + h, x : x + w] = frame
     return Image.fromarray(canvas)

@@ -82,5 +82,6 @@ def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high
         return BrownianPolicy(cfg, rng, low, high)
     if name == "controller":
         raise WorldModelError("policy=controller needs the evolve stage, which is not implemented yet")
-    raise WorldModelError(f"config key 'policy.name' must be one of pseudo_random, random, brownian, "
-                          f"controller (got {name!r})")
+    raise WorldModelError(
+        f"config key 'policy.name' must be one of pseudo_random, random, brownian, controller (got {name!r})"
+    )

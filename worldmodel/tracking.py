@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -28,6 +29,8 @@ from worldmodel.config import PROJECT_ROOT, flatten
 from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
+# MLflow's own download bars would interleave with ours.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -41,9 +44,18 @@ def tracking_uri(cfg: DictConfig) -> str:
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the store and select the experiment; returns the experiment id."""
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Jobs of a parallel sweep would otherwise race to create the tables of a new store.
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _select_experiment(cfg, uri)
+    return _select_experiment(cfg, uri)
+
+
+def _select_experiment(cfg: DictConfig, uri: str) -> str:
     name = str(cfg.mlflow.experiment)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -62,8 +74,14 @@ def setup(cfg: DictConfig) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -79,15 +97,18 @@ def _hydra_output_dir() -> Path | None:
 
 def _check_resume(run: Run, stage: str, params: dict[str, str], may_change: Sequence[str]) -> None:
     if run.data.tags.get("stage") != stage:
-        raise WorldModelError(f"inputs.resume={run.info.run_id} is a '{run.data.tags.get('stage')}' run, "
-                              f"not a {stage} run")
+        raise WorldModelError(
+            f"inputs.resume={run.info.run_id} is a '{run.data.tags.get('stage')}' run, not a {stage} run"
+        )
     if run.info.status == "FINISHED":
         raise WorldModelError(f"inputs.resume={run.info.run_id} already FINISHED; nothing to resume")
     for key, value in params.items():
         old = run.data.params.get(key)
         if old is not None and old != value and key not in may_change:
-            raise WorldModelError(f"inputs.resume={run.info.run_id}: '{key}' was {old} in that run, now "
-                                  f"{value}; resume with the same settings")
+            raise WorldModelError(
+                f"inputs.resume={run.info.run_id}: '{key}' was {old} in that run, now "
+                f"{value}; resume with the same settings"
+            )
 
 
 @contextlib.contextmanager
@@ -174,10 +195,14 @@ def publish(file: Path, subpath: str, in_place: bool) -> None:
 def artifact_path(run_id: str, path: str) -> Path:
     """A local path to an artifact of a run: in place for a local store, downloaded otherwise."""
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+        # By URI, not run id: a local store then answers with the file in place instead of a copy.
+        uri = mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}" if path else uri))
     except (MlflowException, OSError) as err:
-        raise WorldModelError(f"run {run_id} has no artifact '{path}' ({err.__class__.__name__}); "
-                              "was it produced by this version of worldmodel?") from err
+        raise WorldModelError(
+            f"run {run_id} has no artifact '{path}' ({err.__class__.__name__}); "
+            "was it produced by this version of worldmodel?"
+        ) from err
 
 
 def list_artifacts(run_id: str, path: str) -> list[str]:
@@ -200,16 +225,20 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
         except MlflowException as err:
             raise WorldModelError(f"inputs.{stage}={run_id}: no such run in {tracking_uri(cfg)}") from err
         if run.data.tags.get("stage") != stage:
-            raise WorldModelError(f"inputs.{stage}={run_id} is a '{run.data.tags.get('stage')}' run, "
-                                  f"not a {stage} run")
+            raise WorldModelError(
+                f"inputs.{stage}={run_id} is a '{run.data.tags.get('stage')}' run, not a {stage} run"
+            )
         if run.info.status != "FINISHED":
-            raise WorldModelError(f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; "
-                                  "resume it with inputs.resume=<id> or pick another run")
+            raise WorldModelError(
+                f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; "
+                "resume it with inputs.resume=<id> or pick another run"
+            )
         for key, want in compat.items():
             have = run.data.tags.get(key)
             if have is not None and have != str(want):
-                raise WorldModelError(f"inputs.{stage}={run_id} has {key}={have}, this config needs "
-                                      f"{key}={want}")
+                raise WorldModelError(
+                    f"inputs.{stage}={run_id} has {key}={have}, this config needs {key}={want}"
+                )
         return run
     filters = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'"]
     filters += [f"tags.{k} = '{v}'" for k, v in compat.items()]
@@ -217,12 +246,16 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
         filters.append(f"tags.pipeline = '{cfg.mlflow.pipeline}'")
     experiment = mlflow.get_experiment_by_name(str(cfg.mlflow.experiment))
     runs = mlflow.search_runs(
-        experiment_ids=[experiment.experiment_id], filter_string=" and ".join(filters),
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+        experiment_ids=[experiment.experiment_id],
+        filter_string=" and ".join(filters),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
     )
     if not runs:
         wanted = ", ".join(f"{k}={v}" for k, v in compat.items())
-        raise WorldModelError(f"no FINISHED {stage} run with {wanted} in experiment "
-                              f"'{cfg.mlflow.experiment}'; {_how_to_make(stage)}")
+        raise WorldModelError(
+            f"no FINISHED {stage} run with {wanted} in experiment "
+            f"'{cfg.mlflow.experiment}'; {_how_to_make(stage)}"
+        )
     return runs[0]
-

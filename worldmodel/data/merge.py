@@ -25,8 +25,12 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 def _same_layout(src: h5py.Dataset, dst: h5py.Dataset) -> bool:
-    return (src.chunks == dst.chunks and src.compression == dst.compression
-            and src.compression_opts == dst.compression_opts and src.shuffle == dst.shuffle)
+    return (
+        src.chunks == dst.chunks
+        and src.compression == dst.compression
+        and src.compression_opts == dst.compression_opts
+        and src.shuffle == dst.shuffle
+    )
 
 
 def _copy_images(src: h5py.Dataset, s: int, dst: h5py.Dataset, d: int, raw: bool) -> None:
@@ -36,12 +40,19 @@ def _copy_images(src: h5py.Dataset, s: int, dst: h5py.Dataset, d: int, raw: bool
             mask, data = src.id.read_direct_chunk((s, t, 0, 0, 0))
             dst.id.write_direct_chunk((d, t, 0, 0, 0), data, mask)
         else:
-            dst[d, t:t + chunk] = src[s, t:t + chunk]
+            dst[d, t : t + chunk] = src[s, t : t + chunk]
 
 
-def merge_files(infos: list[RolloutInfo], source_runs: list[str], out: Path, val_fraction: float, seed: int,
-                chunk_frames: int, compression_level: int,
-                progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+def merge_files(
+    infos: list[RolloutInfo],
+    source_runs: list[str],
+    out: Path,
+    val_fraction: float,
+    seed: int,
+    chunk_frames: int,
+    compression_level: int,
+    progress: Callable[[int], None] = lambda n: None,
+) -> dict[str, float]:
     """Write `out` from the verified files `infos` (in order); returns episodes, frames and sizes.
 
     The file appears under its final name only once complete; on any error the partial file is removed.
@@ -50,8 +61,16 @@ def merge_files(infos: list[RolloutInfo], source_runs: list[str], out: Path, val
     total = sum(i.episodes for i in infos)
     partial = out.with_name(out.name + ".partial")
     attrs = {k: first.attrs[k] for k in (*rollouts.SETTINGS, "policy", "seed") if k in first.attrs}
-    f = rollouts.create(partial, total, first.steps, first.image_size, first.action_dim, attrs,
-                        chunk_frames=chunk_frames, compression_level=compression_level)
+    f = rollouts.create(
+        partial,
+        total,
+        first.steps,
+        first.image_size,
+        first.action_dim,
+        attrs,
+        chunk_frames=chunk_frames,
+        compression_level=compression_level,
+    )
     try:
         source = f.create_dataset("source", (total,), np.int32)  # index into attrs["source_runs"]
         runs = list(dict.fromkeys(source_runs))
@@ -76,7 +95,12 @@ def merge_files(infos: list[RolloutInfo], source_runs: list[str], out: Path, val
         f.close()
         partial.unlink(missing_ok=True)
         raise
-    raw_bytes = total * first.steps * (first.image_size ** 2 * 3 + 4 * first.action_dim + 4 + 1)
+    raw_bytes = total * first.steps * (first.image_size**2 * 3 + 4 * first.action_dim + 4 + 1)
     size = os.path.getsize(out)
-    return {"episodes": float(total), "frames": float(total * first.steps), "bytes": float(size),
-            "raw_bytes": float(raw_bytes), "compression_ratio": raw_bytes / size}
+    return {
+        "episodes": float(total),
+        "frames": float(total * first.steps),
+        "bytes": float(size),
+        "raw_bytes": float(raw_bytes),
+        "compression_ratio": raw_bytes / size,
+    }

@@ -32,10 +32,10 @@ SETTINGS = ("env_id", "image_size", "crop_bottom", "max_steps", "reset_on_done")
 
 @dataclass
 class Episode:
-    images: np.ndarray   # uint8 (T, H, W, 3)
+    images: np.ndarray  # uint8 (T, H, W, 3)
     actions: np.ndarray  # float32 (T, A)
     rewards: np.ndarray  # float32 (T,)
-    dones: np.ndarray    # bool (T,)
+    dones: np.ndarray  # bool (T,)
     length: int
     index: int
 
@@ -44,15 +44,30 @@ class Episode:
         return float(self.rewards[: self.length].sum())
 
 
-def create(path: Path, episodes: int, steps: int, image_size: int, action_dim: int, attrs: dict[str, Any],
-           chunk_frames: int = 25, compression_level: int = 1) -> h5py.File:
+def create(
+    path: Path,
+    episodes: int,
+    steps: int,
+    image_size: int,
+    action_dim: int,
+    attrs: dict[str, Any],
+    chunk_frames: int = 25,
+    compression_level: int = 1,
+) -> h5py.File:
     """A new rollouts file with `episodes` empty slots."""
     f = h5py.File(path, "w")
     gzip = {"compression": "gzip", "compression_opts": compression_level}
     chunk = max(1, min(chunk_frames, steps))
-    f.create_dataset("images", (episodes, steps, image_size, image_size, 3), np.uint8,
-                     chunks=(1, chunk, image_size, image_size, 3), **gzip)
-    f.create_dataset("actions", (episodes, steps, action_dim), np.float32, chunks=(1, steps, action_dim), **gzip)
+    f.create_dataset(
+        "images",
+        (episodes, steps, image_size, image_size, 3),
+        np.uint8,
+        chunks=(1, chunk, image_size, image_size, 3),
+        **gzip,
+    )
+    f.create_dataset(
+        "actions", (episodes, steps, action_dim), np.float32, chunks=(1, steps, action_dim), **gzip
+    )
     f.create_dataset("rewards", (episodes, steps), np.float32, chunks=(1, steps), **gzip)
     f.create_dataset("dones", (episodes, steps), bool, chunks=(1, steps), **gzip)
     f.create_dataset("lengths", (episodes,), np.int32)
@@ -96,30 +111,49 @@ def inspect(path: Path) -> RolloutInfo:
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema") != SCHEMA:
-                raise WorldModelError(f"{path}: not a worldmodel rollouts file (schema attribute "
-                                      f"{f.attrs.get('schema')!r}); remove it or point at another run")
+                raise WorldModelError(
+                    f"{path}: not a worldmodel rollouts file (schema attribute "
+                    f"{f.attrs.get('schema')!r}); remove it or point at another run"
+                )
             if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
-                raise WorldModelError(f"{path}: rollouts schema version {f.attrs.get('schema_version')}, "
-                                      f"this worldmodel reads {SCHEMA_VERSION}; re-collect it")
-            expected = {"images": np.uint8, "actions": np.float32, "rewards": np.float32, "dones": np.bool_,
-                        "lengths": np.int32, "episode": np.int64}
+                raise WorldModelError(
+                    f"{path}: rollouts schema version {f.attrs.get('schema_version')}, "
+                    f"this worldmodel reads {SCHEMA_VERSION}; re-collect it"
+                )
+            expected = {
+                "images": np.uint8,
+                "actions": np.float32,
+                "rewards": np.float32,
+                "dones": np.bool_,
+                "lengths": np.int32,
+                "episode": np.int64,
+            }
             for name, dtype in expected.items():
                 if name not in f:
-                    raise WorldModelError(f"{path}: dataset '{name}' is missing; the file is not a complete "
-                                          "rollouts file; re-collect it")
+                    raise WorldModelError(
+                        f"{path}: dataset '{name}' is missing; the file is not a complete "
+                        "rollouts file; re-collect it"
+                    )
                 if f[name].dtype != dtype:
-                    raise WorldModelError(f"{path}: dataset '{name}' has dtype {f[name].dtype}, expected "
-                                          f"{np.dtype(dtype)}")
+                    raise WorldModelError(
+                        f"{path}: dataset '{name}' has dtype {f[name].dtype}, expected {np.dtype(dtype)}"
+                    )
             e, t, h, w, c = f["images"].shape
             size = int(f.attrs.get("image_size", -1))
             if (h, w, c) != (size, size, 3):
                 raise WorldModelError(f"{path}: images are {h}×{w}×{c}, attribute image_size says {size}")
             a = f["actions"].shape[-1]
-            for name, shape in {"actions": (e, t, a), "rewards": (e, t), "dones": (e, t), "lengths": (e,),
-                                "episode": (e,)}.items():
+            for name, shape in {
+                "actions": (e, t, a),
+                "rewards": (e, t),
+                "dones": (e, t),
+                "lengths": (e,),
+                "episode": (e,),
+            }.items():
                 if f[name].shape != shape:
-                    raise WorldModelError(f"{path}: dataset '{name}' has shape {f[name].shape}, expected "
-                                          f"{shape}")
+                    raise WorldModelError(
+                        f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
+                    )
             # Touch the last chunk of every dataset: a truncated file fails here, not halfway through a copy.
             for name in ("images", "actions", "rewards", "dones"):
                 if e:
@@ -129,20 +163,29 @@ def inspect(path: Path) -> RolloutInfo:
     except WorldModelError:
         raise
     except (OSError, KeyError, ValueError) as err:
-        raise WorldModelError(f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]}); "
-                              "it is corrupt or truncated: delete it and re-run the stage that made it") from err
+        raise WorldModelError(
+            f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]}); "
+            "it is corrupt or truncated: delete it and re-run the stage that made it"
+        ) from err
 
 
 def check_same_settings(infos: list[RolloutInfo]) -> None:
     """Every file to be merged was collected with the same env, frames and episode length."""
     first = infos[0]
     for info in infos[1:]:
-        if (info.steps, info.image_size, info.action_dim) != (first.steps, first.image_size, first.action_dim):
+        if (info.steps, info.image_size, info.action_dim) != (
+            first.steps,
+            first.image_size,
+            first.action_dim,
+        ):
             raise WorldModelError(
                 f"{info.path}: {info.steps} steps of {info.image_size}px frames and {info.action_dim}-d "
                 f"actions, but {first.path} has {first.steps} steps, {first.image_size}px, "
-                f"{first.action_dim}-d; merge only runs collected with the same settings")
+                f"{first.action_dim}-d; merge only runs collected with the same settings"
+            )
         for key in SETTINGS:
             if info.attrs.get(key) != first.attrs.get(key):
-                raise WorldModelError(f"{info.path}: {key}={info.attrs.get(key)} but {first.path} has "
-                                      f"{key}={first.attrs.get(key)}; merge only runs with the same settings")
+                raise WorldModelError(
+                    f"{info.path}: {key}={info.attrs.get(key)} but {first.path} has "
+                    f"{key}={first.attrs.get(key)}; merge only runs with the same settings"
+                )

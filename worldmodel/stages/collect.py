@@ -31,13 +31,21 @@ SHARDS = "shards"
 
 def validate(cfg: DictConfig) -> None:
     positive_int(cfg, "collect.episodes", "collect.max_steps", "collect.episodes_per_shard")
-    check(cfg, "collect.workers", lambda v: v is None or (isinstance(v, int) and v > 0),
-          "null (all cores) or a positive integer")
+    check(
+        cfg,
+        "collect.workers",
+        lambda v: v is None or (isinstance(v, int) and v > 0),
+        "null (all cores) or a positive integer",
+    )
     check(cfg, "collect.reset_on_done", lambda v: isinstance(v, bool), "true or false")
     one_of(cfg, "policy.name", ["pseudo_random", "random", "brownian", "controller"])
     if cfg.policy.name == "pseudo_random":
-        check(cfg, "policy.probs", lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
-              "four non-negative probabilities summing to 1")
+        check(
+            cfg,
+            "policy.probs",
+            lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
+            "four non-negative probabilities summing to 1",
+        )
 
 
 def shard_name(k: int) -> str:
@@ -50,19 +58,40 @@ def run(cfg: DictConfig) -> str:
     n_shards = -(-episodes // per_shard)
     tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
 
-    with tracking.stage_run(cfg, "collect", ["env", "policy", "collect"], tags=tags,
-                            resume=cfg.inputs.resume, may_change=["collect.workers"]) as run:
+    with tracking.stage_run(
+        cfg,
+        "collect",
+        ["env", "policy", "collect"],
+        tags=tags,
+        resume=cfg.inputs.resume,
+        may_change=["collect.workers"],
+    ) as run:
         out_dir, in_place = tracking.local_artifact_dir(SHARDS)
         done = _complete_shards(run.info.run_id, n_shards, in_place, out_dir)
-        todo = [i for k in range(n_shards) if k not in done
-                for i in range(k * per_shard, min((k + 1) * per_shard, episodes))]
-        log.info("collect: %d episodes × %d steps with %d workers (%d shards already complete)",
-                 len(todo), cfg.collect.max_steps, workers, len(done))
+        todo = [
+            i
+            for k in range(n_shards)
+            if k not in done
+            for i in range(k * per_shard, min((k + 1) * per_shard, episodes))
+        ]
+        log.info(
+            "collect: %d episodes × %d steps with %d workers (%d shards already complete)",
+            len(todo),
+            cfg.collect.max_steps,
+            workers,
+            len(done),
+        )
 
-        attrs = {"env_id": str(cfg.env.id), "image_size": int(cfg.env.image_size),
-                 "crop_bottom": int(cfg.env.crop_bottom), "max_steps": int(cfg.collect.max_steps),
-                 "reset_on_done": bool(cfg.collect.reset_on_done), "policy": str(cfg.policy.name),
-                 "seed": int(cfg.seed), "run_id": run.info.run_id}
+        attrs = {
+            "env_id": str(cfg.env.id),
+            "image_size": int(cfg.env.image_size),
+            "crop_bottom": int(cfg.env.crop_bottom),
+            "max_steps": int(cfg.collect.max_steps),
+            "reset_on_done": bool(cfg.collect.reset_on_done),
+            "policy": str(cfg.policy.name),
+            "seed": int(cfg.seed),
+            "run_id": run.info.run_id,
+        }
         open_shards: dict[int, tuple] = {}  # shard → (h5 file, partial path, episodes still to come)
         returns, samples = [], []
         start = time.perf_counter()
@@ -73,8 +102,14 @@ def run(cfg: DictConfig) -> str:
                     if k not in open_shards:
                         size = min(per_shard, episodes - k * per_shard)
                         partial = out_dir / (shard_name(k) + ".partial")
-                        f = rollouts.create(partial, size, int(cfg.collect.max_steps), int(cfg.env.image_size),
-                                            ep.actions.shape[1], attrs)
+                        f = rollouts.create(
+                            partial,
+                            size,
+                            int(cfg.collect.max_steps),
+                            int(cfg.env.image_size),
+                            ep.actions.shape[1],
+                            attrs,
+                        )
                         open_shards[k] = (f, partial, size)
                     f, partial, remaining = open_shards[k]
                     rollouts.write_episode(f, ep.index - k * per_shard, ep)
@@ -96,16 +131,24 @@ def run(cfg: DictConfig) -> str:
             raise
         elapsed = time.perf_counter() - start
         frames = len(todo) * int(cfg.collect.max_steps)
-        metrics = {"episodes": float(episodes), "frames": float(episodes * cfg.collect.max_steps),
-                   "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}
+        metrics = {
+            "episodes": float(episodes),
+            "frames": float(episodes * cfg.collect.max_steps),
+            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
+        }
         if returns:
             metrics |= {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
         mlflow.log_metrics(metrics)
         if samples:
             mlflow.log_image(mosaic(samples[: cfg.collect.mosaic_frames]), "sample_frames.png")
-        log.info("collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s", frames,
-                 metrics["frames_per_s"], metrics.get("return_mean", 0), metrics.get("return_std", 0),
-                 run.info.run_id)
+        log.info(
+            "collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s",
+            frames,
+            metrics["frames_per_s"],
+            metrics.get("return_mean", 0),
+            metrics.get("return_std", 0),
+            run.info.run_id,
+        )
         return run.info.run_id
 
 
@@ -117,7 +160,11 @@ def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) 
     done = set()
     for k in range(n_shards):
         if shard_name(k) in present:
-            path = out_dir / shard_name(k) if in_place else tracking.artifact_path(run_id, f"{SHARDS}/{shard_name(k)}")
+            path = (
+                out_dir / shard_name(k)
+                if in_place
+                else tracking.artifact_path(run_id, f"{SHARDS}/{shard_name(k)}")
+            )
             rollouts.inspect(path)
             done.add(k)
     return done

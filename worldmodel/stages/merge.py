@@ -25,9 +25,13 @@ DATASET = "dataset.h5"
 
 
 def validate(cfg: DictConfig) -> None:
-    check(cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)")
+    check(
+        cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"
+    )
     positive_int(cfg, "merge.chunk_frames")
-    check(cfg, "merge.compression_level", lambda v: isinstance(v, int) and 0 <= v <= 9, "an integer in [0, 9]")
+    check(
+        cfg, "merge.compression_level", lambda v: isinstance(v, int) and 0 <= v <= 9, "an integer in [0, 9]"
+    )
 
 
 def collect_run_ids(cfg: DictConfig) -> list[str | None]:
@@ -57,8 +61,10 @@ def run(cfg: DictConfig) -> str:
         expected = int(source.data.params.get("collect.episodes", sum(i.episodes for i in run_infos)))
         found = sum(i.episodes for i in run_infos)
         if found != expected:
-            raise WorldModelError(f"collect run {rid} has {found} of its {expected} episodes; "
-                                  f"resume it with `stage=collect inputs.resume={rid}`")
+            raise WorldModelError(
+                f"collect run {rid} has {found} of its {expected} episodes; "
+                f"resume it with `stage=collect inputs.resume={rid}`"
+            )
         infos += run_infos
         owners += [rid] * len(run_infos)
     rollouts.check_same_settings(infos)
@@ -71,12 +77,25 @@ def run(cfg: DictConfig) -> str:
         total = sum(i.episodes for i in infos)
         start = time.perf_counter()
         with tqdm(total=total, desc="merge", unit="ep") as bar:
-            metrics = merge_files(infos, owners, out_dir / DATASET, float(cfg.merge.val_fraction), int(cfg.seed),
-                                  int(cfg.merge.chunk_frames), int(cfg.merge.compression_level), bar.update)
+            metrics = merge_files(
+                infos,
+                owners,
+                out_dir / DATASET,
+                float(cfg.merge.val_fraction),
+                int(cfg.seed),
+                int(cfg.merge.chunk_frames),
+                int(cfg.merge.compression_level),
+                bar.update,
+            )
         elapsed = time.perf_counter() - start
         metrics["mb_per_s"] = metrics["bytes"] / 2**20 / elapsed
         tracking.publish(out_dir / DATASET, "", in_place)
         mlflow.log_metrics(metrics)
-        log.info("merge: %d episodes, %.1f MB (%.1f× smaller than raw) → run %s", metrics["episodes"],
-                 metrics["bytes"] / 2**20, metrics["compression_ratio"], run.info.run_id)
+        log.info(
+            "merge: %d episodes, %.1f MB (%.1f× smaller than raw) → run %s",
+            metrics["episodes"],
+            metrics["bytes"] / 2**20,
+            metrics["compression_ratio"],
+            run.info.run_id,
+        )
         return run.info.run_id

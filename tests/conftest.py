@@ -1,0 +1,63 @@
+"""Shared fixtures: configs composed with Hydra's compose API, and a throwaway MLflow store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import worldmodel  # noqa: F401  (registers the config resolvers)
+from worldmodel.config import CONFIG_DIR
+
+Compose = Callable[..., DictConfig]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An outputs folder (and so an MLflow store) shared by the tests of one session."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="session")
+def smoke(store: Path) -> Compose:
+    """Compose `experiment=smoke` into the session's store, plus any overrides."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("experiment=smoke", f"paths.outputs={store}", *overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def collect_run(smoke: Compose) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=collect"))
+
+
+@pytest.fixture(scope="session")
+def merge_run(smoke: Compose, collect_run: str) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=merge", f"inputs.collect={collect_run}"))
+
+
+@pytest.fixture(scope="session")
+def dataset_path(merge_run: str, smoke: Compose) -> Path:
+    from worldmodel import tracking
+
+    tracking.setup(smoke())
+    return tracking.artifact_path(merge_run, "dataset.h5")

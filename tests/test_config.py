@@ -1,0 +1,127 @@
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import compose_config
+from worldmodel.config import CONFIG_DIR, PROJECT_ROOT
+from worldmodel.errors import WorldModelError
+from worldmodel.stages import run_stage
+
+GROUPS = ["stage", "env", "policy", "latent", "device", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group):
+    assert options(group), f"group {group} has no options"
+    for option in options(group):
+        cfg = compose_config(f"{group}={option}")
+        if group == "stage":
+            assert cfg.stage.name == option
+        if group == "latent":
+            assert cfg.latent.size == int(option.removeprefix("z"))
+        if group == "device":
+            assert cfg.device.type == option
+        if group == "policy":
+            assert cfg.policy.name == option
+        assert cfg.paths.outputs.startswith(str(PROJECT_ROOT))
+
+
+def test_stage_groups_are_complete():
+    assert options("stage") == sorted(
+        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream", "pipeline"]
+    )
+    assert {"smoke"} <= set(options("experiment"))
+
+
+def test_defaults_follow_the_design():
+    cfg = compose_config()
+    assert (cfg.env.id, cfg.env.image_size, cfg.env.crop_bottom) == ("CarRacing-v3", 64, 12)
+    assert cfg.policy.name == "pseudo_random" and cfg.latent.size == 32
+    assert cfg.collect.max_steps == 1000
+
+
+def test_experiment_smoke_overrides_defaults():
+    cfg = compose_config("experiment=smoke")
+    assert cfg.collect.episodes < compose_config().collect.episodes
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("collect.episodes=0", "collect.episodes"),
+        ("collect.workers=-2", "collect.workers"),
+        ("env.image_size=0", "env.image_size"),
+        ("policy.probs=[0.5,0.5,0.5,0.5]", "policy.probs"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_bad_values_fail_before_work_naming_the_key(tmp_path, override, key):
+    cfg = compose_config("stage=collect", f"paths.outputs={tmp_path}", override)
+    with pytest.raises(WorldModelError, match=key.replace(".", r"\.")):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
+
+
+def test_help_lists_groups_and_a_clean_error_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "worldmodel", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert out.returncode == 0
+    for group in GROUPS:
+        assert f"{group}:" in out.stdout
+    assert "pseudo_random" in out.stdout and "z1024" in out.stdout
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worldmodel",
+            "stage=collect",
+            "collect.episodes=0",
+            f"paths.outputs={tmp_path}",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    text = bad.stdout + bad.stderr
+    assert "collect.episodes" in text and "Traceback" not in text
+
+
+def test_multirun_with_the_joblib_launcher(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worldmodel",
+            "-m",
+            "hydra/launcher=joblib",
+            "stage=collect",
+            "experiment=smoke",
+            "collect.episodes=1",
+            "collect.workers=1",
+            "seed=1,2",
+            f"paths.outputs={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = sorted(p.name for p in (tmp_path / "multiruns").glob("*/*/*") if p.is_dir())
+    assert jobs == ["0_collect", "1_collect"]
+    logs = list((tmp_path / "multiruns").glob("*/*/*/collect.log"))
+    assert len(logs) == 2
