@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from worldmodel.config import validate_common
 from worldmodel.errors import WorldModelError
 
-BUILT = ("collect", "merge")
+BUILT = ("collect", "merge", "train_vae", "encode", "train_rnn")
 
 
 def run_stage(cfg: DictConfig) -> object:

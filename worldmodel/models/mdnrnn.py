@@ -1,0 +1,130 @@
+"""The MDN-RNN (M): an LSTM on [z_t, a_t] predicting a mixture of Gaussians for each dimension of
+z_{t+1}, the reward r_t and whether the episode ends (a logit). Pure torch, no I/O.
+
+The mixture NLL is computed in log space with log-sum-exp and clamped log-sigmas, so extreme inputs
+give large but finite losses (public implementations are known to produce NaN or −1e22 here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -7.0, 5.0
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Mixture:
+    log_pi: torch.Tensor  # (..., Z, K), log-softmax over K
+    mu: torch.Tensor  # (..., Z, K)
+    log_sigma: torch.Tensor  # (..., Z, K)
+
+
+@dataclass
+class MDNOutput:
+    mixture: Mixture
+    reward: torch.Tensor  # (...,)
+    done_logit: torch.Tensor  # (...,)
+
+
+class MDNRNN(nn.Module):
+    def __init__(self, latent: int, action_dim: int = 3, hidden: int = 256, mixtures: int = 5) -> None:
+        super().__init__()
+        self.latent, self.action_dim, self.hidden, self.mixtures = latent, action_dim, hidden, mixtures
+        self.lstm = nn.LSTM(latent + action_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 3 * latent * mixtures + 2)
+
+    @property
+    def hparams(self) -> dict[str, int]:
+        return {
+            "latent": self.latent,
+            "action_dim": self.action_dim,
+            "hidden": self.hidden,
+            "mixtures": self.mixtures,
+        }
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> State:
+        zeros = torch.zeros(1, batch, self.hidden, device=device)
+        return zeros, zeros.clone()
+
+    def _heads(self, h: torch.Tensor) -> MDNOutput:
+        out = self.head(h)
+        zk = self.latent * self.mixtures
+        shape = (*h.shape[:-1], self.latent, self.mixtures)
+        logits, mu, log_sigma = out[..., :zk], out[..., zk : 2 * zk], out[..., 2 * zk : 3 * zk]
+        mixture = Mixture(
+            F.log_softmax(logits.reshape(shape), dim=-1),
+            mu.reshape(shape),
+            log_sigma.reshape(shape).clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX),
+        )
+        return MDNOutput(mixture, out[..., -2], out[..., -1])
+
+    def forward(
+        self, z: torch.Tensor, a: torch.Tensor, state: State | None = None
+    ) -> tuple[MDNOutput, torch.Tensor, State]:
+        """Sequences z (B, T, Z), a (B, T, A) → predictions for every step, hidden states h (B, T, H)."""
+        h, state = self.lstm(torch.cat([z, a], dim=-1), state)
+        return self._heads(h), h, state
+
+    def step(self, z: torch.Tensor, a: torch.Tensor, state: State) -> tuple[MDNOutput, State]:
+        """One step for the controller and the dream: z (B, Z), a (B, A) → predictions, new state.
+        The new hidden h is `state[0][0]`."""
+        h, state = self.lstm(torch.cat([z, a], dim=-1).unsqueeze(1), state)
+        return self._heads(h.squeeze(1)), state
+
+
+def mixture_log_prob(m: Mixture, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) per latent dimension: target (..., Z) → (..., Z)."""
+    t = target.unsqueeze(-1)
+    log_n = -0.5 * ((t - m.mu) * torch.exp(-m.log_sigma)).pow(2) - m.log_sigma - _HALF_LOG_2PI
+    return torch.logsumexp(m.log_pi + log_n, dim=-1)
+
+
+@dataclass
+class MDNLoss:
+    loss: torch.Tensor
+    nll: torch.Tensor  # mixture NLL per latent dimension, mean over unmasked steps
+    reward: torch.Tensor  # MSE
+    done: torch.Tensor  # BCE with logits
+
+
+def mdn_loss(
+    out: MDNOutput,
+    next_z: torch.Tensor,
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    reward_weight: float = 1.0,
+    done_weight: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> MDNLoss:
+    """Loss over (B, T) steps. `mask` (B, T) excludes steps whose next z is not predictable (the step
+    after a done is a fresh track) from the NLL."""
+    nll = -mixture_log_prob(out.mixture, next_z).mean(-1)
+    if mask is not None:
+        nll = (nll * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        nll = nll.mean()
+    r = F.mse_loss(out.reward, reward)
+    d = F.binary_cross_entropy_with_logits(out.done_logit, done.float())
+    return MDNLoss(nll + reward_weight * r + done_weight * d, nll, r, d)
+
+
+def sample(m: Mixture, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw z from the mixture (..., Z, K) → (..., Z). The temperature flattens the component weights
+    and widens each Gaussian by √τ (the paper's sampling); τ → 0 gives the most likely component's mean."""
+    if temperature <= 0:
+        k = m.log_pi.argmax(-1, keepdim=True)
+        return m.mu.gather(-1, k).squeeze(-1)
+    probs = torch.softmax(m.log_pi / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    k = torch.multinomial(flat, 1, generator=generator).reshape(*probs.shape[:-1], 1)
+    mu, log_sigma = m.mu.gather(-1, k).squeeze(-1), m.log_sigma.gather(-1, k).squeeze(-1)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + eps * torch.exp(log_sigma) * math.sqrt(temperature)

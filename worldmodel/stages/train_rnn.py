@@ -1,0 +1,216 @@
+"""train_rnn: the MDN-RNN on sequences of latents.
+
+Trains on sub-sequences of `train_rnn.seq_len` steps of the training episodes, with z re-sampled from
+`mu`/`logvar` in every batch (as in the paper); validates on the held-out episodes. Next to the model's
+validation NLL it logs that of a simple baseline on the same data, a diagonal Gaussian centred on the
+current z with the best fixed variance, so anyone can see whether the model learned anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from worldmodel import tracking, training
+from worldmodel.config import check, positive_int, positive_number
+from worldmodel.data import latents
+from worldmodel.errors import WorldModelError
+from worldmodel.models.mdnrnn import MDNRNN, mdn_loss
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    positive_int(
+        cfg,
+        "train_rnn.epochs",
+        "train_rnn.batch_size",
+        "train_rnn.seq_len",
+        "train_rnn.hidden",
+        "train_rnn.mixtures",
+    )
+    positive_number(cfg, "train_rnn.lr", "train_rnn.grad_clip")
+    for key in ("train_rnn.reward_weight", "train_rnn.done_weight"):
+        check(cfg, key, lambda v: v >= 0, "a number ≥ 0")
+
+
+def windows(data: dict[str, np.ndarray], seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
+    """(episode, start) of non-overlapping windows of seq_len + 1 steps; a random offset per episode
+    when `rng` is given (training), from 0 otherwise (validation)."""
+    out = []
+    for e, length in enumerate(data["lengths"]):
+        span = seq_len + 1
+        offset = int(rng.integers(0, max(1, length - span * (length // span) + 1))) if rng is not None else 0
+        out += [(e, s) for s in range(offset, length - span + 1, span)]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def batch_tensors(
+    data: dict[str, np.ndarray],
+    index: np.ndarray,
+    seq_len: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Inputs and targets for windows `index`; z is sampled from mu/logvar afresh."""
+    span = np.arange(seq_len + 1)
+    e, s = index[:, :1], index[:, 1:] + span
+    mu, logvar = torch.from_numpy(data["mu"][e, s]), torch.from_numpy(data["logvar"][e, s])
+    z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
+    dones = torch.from_numpy(data["dones"][e, s[:, :-1]])
+    out = {
+        "z": z[:, :-1],
+        "next_z": z[:, 1:],
+        "actions": torch.from_numpy(data["actions"][e, s[:, :-1]]),
+        "rewards": torch.from_numpy(data["rewards"][e, s[:, :-1]]),
+        "dones": dones,
+        "mask": (~dones).float(),
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def baseline_nll(z: torch.Tensor, next_z: torch.Tensor, mask: torch.Tensor) -> float:
+    """NLL per dimension of next_z ~ N(z, σ²) with σ² per dimension fitted on these very pairs."""
+    m = mask.bool()
+    diff = (next_z - z)[m]
+    var = diff.pow(2).mean(0).clamp(min=1e-8)
+    return float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean())
+
+
+@torch.no_grad()
+def evaluate(
+    model: MDNRNN, data: dict[str, np.ndarray], cfg: DictConfig, device: torch.device
+) -> dict[str, float]:
+    model.eval()
+    hp = cfg.train_rnn
+    index = windows(data, int(hp.seq_len), None)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    sums, n, zs, nzs, masks = np.zeros(3), 0, [], [], []
+    for i in range(0, len(index), int(hp.batch_size)):
+        b = batch_tensors(data, index[i : i + int(hp.batch_size)], int(hp.seq_len), generator, device)
+        out, _, _ = model(b["z"], b["actions"])
+        loss = mdn_loss(
+            out,
+            b["next_z"],
+            b["rewards"],
+            b["dones"],
+            float(hp.reward_weight),
+            float(hp.done_weight),
+            b["mask"],
+        )
+        weight = float(b["mask"].sum())
+        sums += np.array(
+            [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
+        )
+        n += len(b["z"])
+        zs.append(b["z"]), nzs.append(b["next_z"]), masks.append(b["mask"])
+    mask = torch.cat(masks)
+    return {
+        "val/nll": sums[0] / float(mask.sum()),
+        "val/reward_loss": sums[1] / n,
+        "val/done_loss": sums[2] / n,
+        "val/baseline_nll": baseline_nll(torch.cat(zs), torch.cat(nzs), mask),
+    }
+
+
+def run(cfg: DictConfig) -> str:
+    compat = {"latent_size": str(cfg.latent.size)}
+    encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
+    path = tracking.artifact_path(encode.info.run_id, "latents.h5")
+    train, val = latents.load(path, "train"), latents.load(path, "val")
+    if len(val["lengths"]) == 0:
+        val = train  # a dataset without a validation split: report on the training episodes
+    hp = cfg.train_rnn
+    if int(train["lengths"].max()) <= int(hp.seq_len):
+        raise WorldModelError(
+            f"train_rnn.seq_len={hp.seq_len} is not shorter than the episodes "
+            f"({int(train['lengths'].max())} steps); lower it"
+        )
+    device = training.pick_device(cfg)
+    upstream = {"encode": encode.info.run_id, "train_vae": encode.data.tags.get("upstream.train_vae", "")}
+
+    with tracking.stage_run(
+        cfg, "train_rnn", ["train_rnn", "latent"], upstream, compat, resume=cfg.inputs.resume
+    ) as run:
+        torch.manual_seed(cfg.seed)
+        model = MDNRNN(int(cfg.latent.size), train["actions"].shape[-1], int(hp.hidden), int(hp.mixtures)).to(
+            device
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
+        start_epoch, best = 0, float("inf")
+        if (ckpt := training.resume_checkpoint(cfg.inputs.resume)) is not None:
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
+        ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
+
+        for epoch in range(start_epoch, int(hp.epochs)):
+            model.train()
+            rng = np.random.default_rng([int(cfg.seed), epoch])
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            index = windows(train, int(hp.seq_len), rng)
+            index = index[rng.permutation(len(index))]
+            sums, n, t0 = np.zeros(4), 0, time.perf_counter()
+            for i in tqdm(
+                range(0, len(index), int(hp.batch_size)),
+                desc=f"train_rnn {epoch + 1}/{hp.epochs}",
+                unit="batch",
+                leave=False,
+            ):
+                b = batch_tensors(
+                    train, index[i : i + int(hp.batch_size)], int(hp.seq_len), generator, device
+                )
+                out, _, _ = model(b["z"], b["actions"])
+                loss = mdn_loss(
+                    out,
+                    b["next_z"],
+                    b["rewards"],
+                    b["dones"],
+                    float(hp.reward_weight),
+                    float(hp.done_weight),
+                    b["mask"],
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
+                optimizer.step()
+                k = len(b["z"])
+                sums += (
+                    np.array([loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()]) * k
+                )
+                n += k
+            elapsed = time.perf_counter() - t0
+            metrics = dict(zip(("train/loss", "train/nll", "train/reward_loss", "train/done_loss"), sums / n))
+            metrics |= evaluate(model, val, cfg, device)
+            metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
+            metrics["train/steps_per_s"] = n * int(hp.seq_len) / elapsed
+            training.log_epoch(metrics, epoch)
+            if metrics["val/nll"] < best:
+                best = metrics["val/nll"]
+                training.save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_nll=best)
+                tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
+            training.save_checkpoint(
+                ckpt_dir / "last.pt", model, epoch=epoch, best_val=best, optimizer=optimizer.state_dict()
+            )
+            tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
+            log.info(
+                "train_rnn epoch %d: train nll %.3f, val nll %.3f (baseline %.3f), reward %.4f, done %.4f",
+                epoch,
+                metrics["train/nll"],
+                metrics["val/nll"],
+                metrics["val/baseline_nll"],
+                metrics["val/reward_loss"],
+                metrics["val/done_loss"],
+            )
+
+        training.log_epoch({"best_val_nll": best}, int(hp.epochs) - 1)
+        best_model = MDNRNN(**training.load_checkpoint(ckpt_dir / "best.pt", "train_rnn")["hparams"])
+        best_model.load_state_dict(training.load_checkpoint(ckpt_dir / "best.pt", "train_rnn")["state_dict"])
+        training.log_model(best_model)
+        return run.info.run_id

@@ -1,0 +1,189 @@
+"""train_vae: the convolutional VAE on the frames of a merged dataset.
+
+Trains on the training episodes, validates on the held-out ones every epoch, keeps the best (by
+validation loss) and last checkpoints, logs a grid of validation frames over their reconstructions
+each epoch and the final model with mlflow.pytorch. `inputs.resume=<run id>` continues an interrupted
+run from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import h5py
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from worldmodel import tracking, training
+from worldmodel.config import check, positive_int, positive_number
+from worldmodel.data.datasets import ShuffledFrameBatches, split_episodes
+from worldmodel.errors import WorldModelError
+from worldmodel.images import mosaic
+from worldmodel.models.vae import SIZES, VAE, to_input, vae_loss
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    positive_int(
+        cfg,
+        "train_vae.epochs",
+        "train_vae.batch_size",
+        "train_vae.buffer_frames",
+        "train_vae.val_frames",
+        "train_vae.grid_frames",
+    )
+    positive_number(cfg, "train_vae.lr")
+    check(cfg, "train_vae.kl_tolerance", lambda v: v >= 0, "a number ≥ 0")
+    check(cfg, "train_vae.num_workers", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+    check(cfg, "env.image_size", lambda v: v in SIZES, f"one of {list(SIZES)} for the VAE")
+
+
+def run(cfg: DictConfig) -> str:
+    merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, {"image_size": str(cfg.env.image_size)})
+    dataset = tracking.artifact_path(merge.info.run_id, "dataset.h5")
+    device = training.pick_device(cfg)
+    hp = cfg.train_vae
+    tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
+
+    with tracking.stage_run(
+        cfg,
+        "train_vae",
+        ["train_vae", "latent", "env"],
+        {"merge": merge.info.run_id},
+        tags,
+        resume=cfg.inputs.resume,
+        may_change=["train_vae.num_workers"],
+    ) as run:
+        torch.manual_seed(cfg.seed)
+        model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
+        start_epoch, best = 0, float("inf")
+        if (ckpt := training.resume_checkpoint(cfg.inputs.resume)) is not None:
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
+            torch.set_rng_state(ckpt["rng"])
+            log.info("train_vae: resuming run %s after epoch %d", run.info.run_id, start_epoch - 1)
+
+        train = ShuffledFrameBatches(
+            dataset, int(hp.batch_size), "train", int(hp.buffer_frames), int(cfg.seed)
+        )
+        if train.frames < hp.batch_size:
+            raise WorldModelError(
+                f"train_vae.batch_size={hp.batch_size} is larger than the {train.frames} "
+                "training frames of the dataset"
+            )
+        loader = DataLoader(
+            train,
+            batch_size=None,
+            num_workers=int(hp.num_workers),
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+        )
+        val_frames = _validation_frames(dataset, int(hp.val_frames))
+        grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
+        ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
+
+        for epoch in range(start_epoch, int(hp.epochs)):
+            train.set_epoch(epoch)
+            model.train()
+            sums, frames, t0 = np.zeros(3), 0, time.perf_counter()
+            for batch in tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False):
+                x = to_input(batch.to(device, non_blocking=True))
+                out = vae_loss(x, *model(x), float(hp.kl_tolerance))
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
+                frames += len(x)
+            elapsed = time.perf_counter() - t0
+            val = evaluate(model, val_frames, device, float(hp.kl_tolerance), int(hp.batch_size))
+            train_m = sums / max(frames, 1)
+            metrics = {
+                "train/loss": train_m[0],
+                "train/recon": train_m[1],
+                "train/kl": train_m[2],
+                "val/loss": val[0],
+                "val/recon": val[1],
+                "val/kl": val[2],
+                "train/frames_per_s": frames / elapsed,
+            }
+            training.log_epoch(metrics, epoch)
+            mlflow.log_image(
+                reconstruction_grid(model, grid, device), f"reconstructions/epoch_{epoch:03d}.png"
+            )
+            if val[0] < best:
+                best = val[0]
+                training.save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_loss=best)
+                tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
+            training.save_checkpoint(
+                ckpt_dir / "last.pt",
+                model,
+                epoch=epoch,
+                best_val=best,
+                optimizer=optimizer.state_dict(),
+                rng=torch.get_rng_state(),
+            )
+            tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
+            log.info(
+                "train_vae epoch %d: train %.1f, val %.1f (recon %.1f, kl %.1f), %.0f frames/s",
+                epoch,
+                train_m[0],
+                val[0],
+                val[1],
+                val[2],
+                metrics["train/frames_per_s"],
+            )
+
+        training.log_epoch({"best_val_loss": best}, int(hp.epochs) - 1)
+        best_model = VAE(int(cfg.latent.size), int(cfg.env.image_size))
+        best_model.load_state_dict(training.load_checkpoint(ckpt_dir / "best.pt", "train_vae")["state_dict"])
+        training.log_model(best_model)
+        return run.info.run_id
+
+
+def _validation_frames(dataset, limit: int) -> np.ndarray:
+    """Up to `limit` frames spread over the validation episodes (all episodes if there are none)."""
+    episodes = split_episodes(dataset, "val")
+    if len(episodes) == 0:
+        episodes = split_episodes(dataset, "all")
+    with h5py.File(dataset, "r") as f:
+        lengths = f["lengths"][:]
+        per_episode = max(1, limit // len(episodes))
+        frames = []
+        for e in episodes:
+            steps = np.unique(np.linspace(0, lengths[e] - 1, min(per_episode, lengths[e]), dtype=int))
+            frames.append(f["images"][e, steps[0] : steps[-1] + 1][steps - steps[0]])
+    return np.concatenate(frames)[:limit]
+
+
+@torch.no_grad()
+def evaluate(
+    model: VAE, frames: np.ndarray, device: torch.device, kl_tolerance: float, batch_size: int
+) -> np.ndarray:
+    """Mean loss, reconstruction error and KL over `frames`, with a fixed noise seed."""
+    model.eval()
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    sums = np.zeros(3)
+    for i in range(0, len(frames), batch_size):
+        x = to_input(torch.from_numpy(frames[i : i + batch_size]).to(device))
+        out = vae_loss(x, *model(x), kl_tolerance)
+        sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
+    torch.set_rng_state(generator_state)
+    return sums / len(frames)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VAE, frames: np.ndarray, device: torch.device):
+    """Validation frames (top row) over their reconstructions from the mean latent (bottom row)."""
+    model.eval()
+    mu, _ = model.encode(to_input(torch.from_numpy(frames).to(device)))
+    recon = (model.decode(mu).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return mosaic([*frames, *recon], columns=len(frames))
