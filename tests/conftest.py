@@ -61,3 +61,24 @@ def dataset_path(merge_run: str, smoke: Compose) -> Path:
 
     tracking.setup(smoke())
     return tracking.artifact_path(merge_run, "dataset.h5")
+
+
+@pytest.fixture(scope="session")
+def vae_run(smoke: Compose, merge_run: str) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}"))
+
+
+@pytest.fixture(scope="session")
+def encode_run(smoke: Compose, vae_run: str) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=encode", f"inputs.train_vae={vae_run}"))
+
+
+@pytest.fixture(scope="session")
+def rnn_run(smoke: Compose, encode_run: str) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}"))

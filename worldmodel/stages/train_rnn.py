@@ -136,7 +136,13 @@ def run(cfg: DictConfig) -> str:
     upstream = {"encode": encode.info.run_id, "train_vae": encode.data.tags.get("upstream.train_vae", "")}
 
     with tracking.stage_run(
-        cfg, "train_rnn", ["train_rnn", "latent"], upstream, compat, resume=cfg.inputs.resume
+        cfg,
+        "train_rnn",
+        ["train_rnn", "latent"],
+        upstream,
+        compat,
+        resume=cfg.inputs.resume,
+        may_change=["train_rnn.epochs"],
     ) as run:
         torch.manual_seed(cfg.seed)
         model = MDNRNN(int(cfg.latent.size), train["actions"].shape[-1], int(hp.hidden), int(hp.mixtures)).to(

@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> str:
         {"merge": merge.info.run_id},
         tags,
         resume=cfg.inputs.resume,
-        may_change=["train_vae.num_workers"],
+        may_change=["train_vae.num_workers", "train_vae.epochs"],
     ) as run:
         torch.manual_seed(cfg.seed)
         model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device)

@@ -1,0 +1,119 @@
+"""train_vae → encode → train_rnn on experiment=smoke: tracking, lineage, checkpoints, bad inputs."""
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from worldmodel import tracking, training
+from worldmodel.errors import WorldModelError
+from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.models.vae import VAE
+from worldmodel.stages import run_stage
+
+
+def artifacts(run_id, path=""):
+    return {a.path for a in MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_train_vae_run(smoke, vae_run, merge_run):
+    tracking.setup(smoke())
+    run = mlflow.get_run(vae_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["upstream.merge"] == merge_run and run.data.tags["latent_size"] == "32"
+    assert run.data.params["train_vae.epochs"] == "2" and run.data.params["latent.size"] == "32"
+    history = MlflowClient().get_metric_history(vae_run, "val/loss")
+    assert [m.step for m in history] == [0, 1]
+    for key in ("train/loss", "train/recon", "train/kl", "val/recon", "val/kl", "train/frames_per_s"):
+        assert key in run.data.metrics
+    assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts(vae_run, "checkpoints")
+    assert {"reconstructions/epoch_000.png", "reconstructions/epoch_001.png"} <= artifacts(
+        vae_run, "reconstructions"
+    )
+    model = mlflow.pytorch.load_model(f"runs:/{vae_run}/model")
+    assert isinstance(model, VAE)
+
+
+def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, vae_run, rnn_run):
+    tracking.setup(smoke())
+    ckpt = torch.load(tracking.artifact_path(vae_run, "checkpoints/best.pt"), weights_only=True)
+    vae = VAE(**ckpt["hparams"])
+    vae.load_state_dict(ckpt["state_dict"])
+    logged = mlflow.pytorch.load_model(f"runs:/{vae_run}/model")
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(vae.encode(x)[0], logged.encode(x)[0])
+
+    rnn_ckpt = training.checkpoint_of(rnn_run, "best")
+    rnn, again = MDNRNN(**rnn_ckpt["hparams"]), MDNRNN(**rnn_ckpt["hparams"])
+    rnn.load_state_dict(rnn_ckpt["state_dict"])
+    again.load_state_dict(
+        torch.load(tracking.artifact_path(rnn_run, "checkpoints/best.pt"), weights_only=True)["state_dict"]
+    )
+    z, a = torch.randn(1, 4, 32), torch.rand(1, 4, 3)
+    assert torch.equal(rnn(z, a)[0].mixture.mu, again(z, a)[0].mixture.mu)
+
+
+def test_encode_output_and_lineage(smoke, encode_run, vae_run, merge_run, dataset_path):
+    tracking.setup(smoke())
+    run = mlflow.get_run(encode_run)
+    assert run.data.tags["upstream.train_vae"] == vae_run and run.data.tags["upstream.merge"] == merge_run
+    assert run.data.metrics["frames"] == 160
+    with (
+        h5py.File(tracking.artifact_path(encode_run, "latents.h5"), "r") as f,
+        h5py.File(dataset_path, "r") as d,
+    ):
+        assert f["mu"].shape == f["logvar"].shape == (4, 40, 32) and f["mu"].dtype == np.float32
+        np.testing.assert_array_equal(f["actions"][:], d["actions"][:])
+        np.testing.assert_array_equal(f["dones"][:], d["dones"][:])
+        np.testing.assert_array_equal(f["split/val"][:], d["split/val"][:])
+        assert f.attrs["vae_run"] == vae_run and f.attrs["merge_run"] == merge_run
+        vae = VAE(32, 64)
+        vae.load_state_dict(training.checkpoint_of(vae_run)["state_dict"])
+        with torch.no_grad():
+            mu, _ = vae.encode(torch.from_numpy(d["images"][1, :5]).permute(0, 3, 1, 2).float() / 255)
+        np.testing.assert_allclose(f["mu"][1, :5], mu.numpy(), atol=1e-4)
+
+
+def test_train_rnn_run_logs_the_baseline(smoke, rnn_run, encode_run):
+    tracking.setup(smoke())
+    run = mlflow.get_run(rnn_run)
+    assert run.info.status == "FINISHED" and run.data.tags["upstream.encode"] == encode_run
+    m = run.data.metrics
+    for key in ("train/nll", "val/nll", "val/reward_loss", "val/done_loss", "val/baseline_nll"):
+        assert np.isfinite(m[key]), key
+    assert run.data.params["train_rnn.mixtures"] == "3"
+    assert "checkpoints/best.pt" in artifacts(rnn_run, "checkpoints")
+    assert isinstance(mlflow.pytorch.load_model(f"runs:/{rnn_run}/model"), MDNRNN)
+
+
+def test_latent_size_mismatch_is_one_line(smoke, vae_run):
+    with pytest.raises(WorldModelError, match="latent_size=32") as err:
+        run_stage(smoke("stage=encode", "latent=z16", f"inputs.train_vae={vae_run}"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(WorldModelError, match="no FINISHED encode run with latent_size=64"):
+        run_stage(smoke("stage=train_rnn", "latent=z64"))
+
+
+def test_image_size_mismatch_is_one_line(smoke, vae_run):
+    small = run_stage(smoke("stage=collect", "env.image_size=32", "collect.episodes=2", "collect.workers=1"))
+    merged = run_stage(smoke("stage=merge", "env.image_size=32", f"inputs.collect={small}"))
+    with pytest.raises(WorldModelError, match="32px frames but VAE run .* takes 64px"):
+        run_stage(smoke("stage=encode", f"inputs.train_vae={vae_run}", f"inputs.merge={merged}"))
+    with pytest.raises(WorldModelError, match="env.image_size"):
+        run_stage(smoke("stage=train_vae", "env.image_size=32"))
+
+
+def test_train_vae_resumes_from_its_last_epoch(smoke, merge_run):
+    first = run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}", "train_vae.epochs=1"))
+    MlflowClient().set_terminated(first, "KILLED")  # as if stopped after its first epoch
+    resumed = run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}", f"inputs.resume={first}"))
+    assert resumed == first
+    steps = [m.step for m in MlflowClient().get_metric_history(first, "val/loss")]
+    assert steps == [0, 1], "epoch 0 is not trained again"
+    assert mlflow.get_run(first).info.status == "FINISHED"
+    with pytest.raises(WorldModelError, match="train_vae.lr"):
+        killed = run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}", "train_vae.epochs=1"))
+        MlflowClient().set_terminated(killed, "KILLED")
+        run_stage(smoke("stage=train_vae", f"inputs.resume={killed}", "train_vae.lr=0.1"))
