@@ -11,7 +11,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup pipeline test test-all lint ui clean
+.PHONY: help setup pipeline sweep test test-all lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -25,9 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-pipeline: setup ## run every stage in order on the default config (ARGS="..." adds overrides)
-	$(PY) -m worldmodel stage=collect $(ARGS)
-	$(PY) -m worldmodel stage=merge $(ARGS)
+pipeline: setup ## all seven stages in order on the default config, one parent MLflow run (ARGS="..." adds overrides)
+	$(PY) -m worldmodel stage=pipeline $(ARGS)
+
+sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64, compared in the MLflow UI
+	$(PY) -m worldmodel -m stage=pipeline latent=z16,z32,z64 $(ARGS)
 
 test: setup ## the fast test suite (what CI runs)
 	$(PY) -m pytest -m "not slow" -q

@@ -18,4 +18,4 @@ def preprocess(obs: np.ndarray, crop_bottom: int, size: int) -> np.ndarray:
     if crop_bottom:
         obs = obs[:-crop_bottom]
     image = Image.fromarray(np.ascontiguousarray(obs))
-    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+    return np.array(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)

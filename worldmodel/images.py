@@ -21,3 +21,11 @@ def mosaic(frames: np.ndarray | list[np.ndarray], columns: int | None = None, pa
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         canvas[y : y + h, x : x + w] = frame
     return Image.fromarray(canvas)
+
+
+def save_gif(frames: list[np.ndarray], path, fps: int, scale: int = 3) -> None:
+    """uint8 HWC frames → an animated GIF (Pillow), enlarged `scale`× with nearest-neighbour pixels."""
+    images = [Image.fromarray(f) for f in frames]
+    if scale != 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in images]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)

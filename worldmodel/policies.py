@@ -72,6 +72,37 @@ class BrownianPolicy:
         return self.action
 
 
+class ControllerPolicy:
+    """A controller evolved by an evolve run, acting through its VAE and MDN-RNN (the paper's
+    iterative procedure: collect again with a trained agent). `cfg.paths` holds the checkpoint files,
+    filled in by the collect stage from `policy.run_id`."""
+
+    _agents: dict = {}  # one loaded agent per process and checkpoint set
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae
+
+        if "paths" not in cfg:
+            raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
+        key = (cfg.paths.controller, cfg.paths.vae, cfg.paths.rnn)
+        if key not in self._agents:
+            import multiprocessing
+
+            import torch
+
+            if multiprocessing.parent_process() is not None:
+                torch.set_num_threads(1)  # a collect worker: one core each
+            self._agents[key] = Agent(
+                load_vae(cfg.paths.vae), load_rnn(cfg.paths.rnn), load_controller(cfg.paths.controller)
+            )
+        self.agent = self._agents[key]
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        if t == 0:
+            self.agent.reset()
+        return self.agent.act(frame)
+
+
 def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Policy:
     name = cfg.name
     if name == "pseudo_random":
@@ -81,7 +112,7 @@ def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high
     if name == "brownian":
         return BrownianPolicy(cfg, rng, low, high)
     if name == "controller":
-        raise WorldModelError("policy=controller needs the evolve stage, which is not implemented yet")
+        return ControllerPolicy(cfg)
     raise WorldModelError(
         f"config key 'policy.name' must be one of pseudo_random, random, brownian, controller (got {name!r})"
     )

@@ -116,15 +116,24 @@ def mdn_loss(
     return MDNLoss(nll + reward_weight * r + done_weight * d, nll, r, d)
 
 
-def sample(m: Mixture, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw z from the mixture (..., Z, K) → (..., Z). The temperature flattens the component weights
-    and widens each Gaussian by √τ (the paper's sampling); τ → 0 gives the most likely component's mean."""
+def sample_with_noise(m: Mixture, temperature: float, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Draw z from the mixture (..., Z, K) → (..., Z) given uniform `u` and normal `eps` noise (..., Z).
+
+    The temperature flattens the component weights and widens each Gaussian by √τ (the paper's
+    sampling); τ = 0 gives the most likely component's mean. Taking the noise as input lets a batch of
+    dreams draw exactly what each would draw alone."""
     if temperature <= 0:
         k = m.log_pi.argmax(-1, keepdim=True)
         return m.mu.gather(-1, k).squeeze(-1)
-    probs = torch.softmax(m.log_pi / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    k = torch.multinomial(flat, 1, generator=generator).reshape(*probs.shape[:-1], 1)
+    cdf = torch.softmax(m.log_pi / temperature, dim=-1).cumsum(-1)
+    k = (cdf < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp(max=m.mu.shape[-1] - 1)
     mu, log_sigma = m.mu.gather(-1, k).squeeze(-1), m.log_sigma.gather(-1, k).squeeze(-1)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps * torch.exp(log_sigma) * math.sqrt(temperature)
+
+
+def sample(m: Mixture, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw z from the mixture (..., Z, K) → (..., Z) with noise from `generator`."""
+    shape = m.mu.shape[:-1]
+    u = torch.rand(shape, generator=generator).to(m.mu.device)
+    eps = torch.randn(shape, generator=generator).to(m.mu.device)
+    return sample_with_noise(m, temperature, u, eps)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from worldmodel import tracking
@@ -57,11 +57,13 @@ def run(cfg: DictConfig) -> str:
     workers = int(cfg.collect.workers or os.cpu_count() or 1)
     n_shards = -(-episodes // per_shard)
     tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
+    upstream = _resolve_controller(cfg) if cfg.policy.name == "controller" else {}
 
     with tracking.stage_run(
         cfg,
         "collect",
         ["env", "policy", "collect"],
+        upstream=upstream,
         tags=tags,
         resume=cfg.inputs.resume,
         may_change=["collect.workers"],
@@ -150,6 +152,20 @@ def run(cfg: DictConfig) -> str:
             run.info.run_id,
         )
         return run.info.run_id
+
+
+def _resolve_controller(cfg: DictConfig) -> dict[str, str]:
+    """policy=controller: find the evolve run and put its checkpoint files into `policy.paths`."""
+    evolve = tracking.resolve_run(cfg, "evolve", cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
+    tags = evolve.data.tags
+    paths = {
+        "controller": tracking.artifact_path(evolve.info.run_id, "controller.pt"),
+        "vae": tracking.artifact_path(tags["upstream.train_vae"], "checkpoints/best.pt"),
+        "rnn": tracking.artifact_path(tags["upstream.train_rnn"], "checkpoints/best.pt"),
+    }
+    with open_dict(cfg):
+        cfg.policy.paths = {k: str(v) for k, v in paths.items()}
+    return {"evolve": evolve.info.run_id}
 
 
 def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) -> set[int]:

@@ -1,0 +1,92 @@
+"""The World Models agent in the real env: frame → VAE → z, controller on [z, h] → action, MDN-RNN
+updates h. Used by real-mode evolve workers, the final evaluation and the `controller` policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from worldmodel.envs import preprocess
+from worldmodel.models.controller import Controller
+from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.models.vae import VAE, to_input
+
+
+def _load(path: Path | str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_vae(path: Path | str) -> VAE:
+    ckpt = _load(path)
+    model = VAE(**ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def load_rnn(path: Path | str) -> MDNRNN:
+    ckpt = _load(path)
+    model = MDNRNN(**ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def load_controller(path: Path | str) -> Controller:
+    ckpt = _load(path)
+    model = Controller(**ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+class Agent:
+    def __init__(self, vae: VAE, rnn: MDNRNN, controller: Controller) -> None:
+        self.vae, self.rnn, self.controller = vae, rnn, controller
+        self.params = controller.get_flat().unsqueeze(0)
+        self.reset()
+
+    def set_params(self, params: np.ndarray | torch.Tensor) -> None:
+        self.params = torch.as_tensor(params, dtype=torch.float32).reshape(1, -1)
+
+    def reset(self) -> None:
+        self.state = self.rnn.initial_state(1)
+
+    @torch.inference_mode()
+    def act(self, frame: np.ndarray) -> np.ndarray:
+        """A preprocessed uint8 frame (H, W, 3) → action; advances the MDN-RNN's memory."""
+        z, _ = self.vae.encode(to_input(torch.from_numpy(frame).unsqueeze(0)))
+        action = self.controller.act(self.params, z, self.state[0][0])
+        _, self.state = self.rnn.step(z, action, self.state)
+        return action[0].numpy()
+
+    @torch.inference_mode()
+    def reconstruct(self, frame: np.ndarray) -> np.ndarray:
+        mu, _ = self.vae.encode(to_input(torch.from_numpy(frame).unsqueeze(0)))
+        return (self.vae.decode(mu)[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+
+
+def play(
+    env: gym.Env,
+    agent: Agent,
+    seed: int,
+    max_steps: int,
+    crop_bottom: int,
+    image_size: int,
+    record: bool = False,
+) -> tuple[float, list[np.ndarray]]:
+    """One real episode (stops at done); returns the total reward and, if `record`, frames with the
+    VAE's reconstruction beside each."""
+    obs, _ = env.reset(seed=seed)
+    agent.reset()
+    total, frames = 0.0, []
+    for _ in range(max_steps):
+        frame = preprocess(obs, crop_bottom, image_size)
+        action = agent.act(frame)
+        if record:
+            frames.append(np.concatenate([frame, agent.reconstruct(frame)], axis=1))
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += float(reward)
+        if terminated or truncated:
+            break
+    return total, frames

@@ -1,0 +1,82 @@
+"""The controller (C): [z, h] → action, parameters as one flat vector for CMA-ES. Pure torch, no I/O.
+
+Linear by default (the paper: 867 parameters for z = 32, h = 256 and 3 actions), or with one tanh
+hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Steering is bounded
+by tanh, gas and brake are mapped into [0, 1].
+
+`act` evaluates a whole batch of parameter vectors at once, one per row, which is how CMA-ES
+candidates are evaluated together in the dream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Controller(nn.Module):
+    def __init__(
+        self, latent: int, hidden: int, action_dim: int = 3, inputs: str = "zh", hidden_units: int = 0
+    ) -> None:
+        super().__init__()
+        if inputs not in ("zh", "z"):
+            raise ValueError(f"inputs must be 'zh' or 'z', got {inputs!r}")
+        self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
+        self.inputs, self.hidden_units = inputs, hidden_units
+        self.in_dim = latent + (hidden if inputs == "zh" else 0)
+        if hidden_units:
+            self.shapes = [
+                (self.in_dim, hidden_units),
+                (hidden_units,),
+                (hidden_units, action_dim),
+                (action_dim,),
+            ]
+        else:
+            self.shapes = [(self.in_dim, action_dim), (action_dim,)]
+        self.n_params = sum(int(torch.tensor(s).prod()) for s in self.shapes)
+        self.flat = nn.Parameter(torch.zeros(self.n_params))
+
+    @property
+    def hparams(self) -> dict[str, int | str]:
+        return {
+            "latent": self.latent,
+            "hidden": self.hidden,
+            "action_dim": self.action_dim,
+            "inputs": self.inputs,
+            "hidden_units": self.hidden_units,
+        }
+
+    def get_flat(self) -> torch.Tensor:
+        return self.flat.detach().clone()
+
+    def set_flat(self, vector: torch.Tensor) -> None:
+        if vector.shape != (self.n_params,):
+            raise ValueError(f"expected {self.n_params} parameters, got {tuple(vector.shape)}")
+        with torch.no_grad():
+            self.flat.copy_(vector)
+
+    def _unpack(self, params: torch.Tensor) -> list[torch.Tensor]:
+        out, i = [], 0
+        for shape in self.shapes:
+            n = int(torch.tensor(shape).prod())
+            out.append(params[:, i : i + n].reshape(params.shape[0], *shape))
+            i += n
+        return out
+
+    def act(self, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """params (N, n_params), z (N, Z), h (N, H) → actions (N, action_dim)."""
+        x = torch.cat([z, h], dim=-1) if self.inputs == "zh" else z
+        layers = self._unpack(params)
+        if self.hidden_units:
+            w1, b1, w2, b2 = layers
+            x = torch.tanh(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)
+            raw = torch.bmm(x.unsqueeze(1), w2).squeeze(1) + b2
+        else:
+            w, b = layers
+            raw = torch.bmm(x.unsqueeze(1), w).squeeze(1) + b
+        squashed = torch.tanh(raw)
+        return torch.cat([squashed[:, :1], (squashed[:, 1:] + 1) / 2], dim=-1)
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """This controller's own parameters on a batch of inputs."""
+        return self.act(self.flat.expand(z.shape[0], -1), z, h)

@@ -1,0 +1,135 @@
+"""A process pool that survives its workers: a worker that dies or hangs past `timeout` seconds is
+replaced and its task re-run on another, so a stage never hangs on one bad process.
+
+Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
+`task(state, payload)` for every payload it is given. Functions must be importable (spawn).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from worldmodel.errors import WorldModelError
+
+log = logging.getLogger(__name__)
+
+
+def _worker_main(
+    init: Callable, init_args: tuple, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int
+) -> None:
+    state = init(*init_args)
+    while (item := tasks.get()) is not None:
+        tid, payload = item
+        try:
+            results.put((wid, tid, True, task(state, payload)))
+        except Exception as err:  # reported to the parent, which decides
+            results.put((wid, tid, False, f"{err.__class__.__name__}: {err}"))
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        workers: int,
+        init: Callable,
+        init_args: tuple,
+        task: Callable,
+        timeout: float,
+        max_attempts: int = 3,
+    ) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.init, self.init_args, self.task = init, init_args, task
+        self.timeout, self.max_attempts = timeout, max_attempts
+        self.results: mp.Queue = self.ctx.Queue()
+        self.procs: dict[int, tuple[mp.Process, mp.Queue]] = {}
+        self._next_wid = 0
+        self.replaced = 0
+        for _ in range(workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        wid, self._next_wid = self._next_wid, self._next_wid + 1
+        tasks = self.ctx.Queue()
+        proc = self.ctx.Process(
+            target=_worker_main,
+            daemon=True,
+            args=(self.init, self.init_args, self.task, tasks, self.results, wid),
+        )
+        proc.start()
+        self.procs[wid] = (proc, tasks)
+
+    def _replace(self, wid: int) -> None:
+        proc, _ = self.procs.pop(wid)
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+        self.replaced += 1
+        self._spawn()
+
+    def map(self, payloads: Sequence[Any]) -> list[Any]:
+        """Results in the order of `payloads`."""
+        pending = deque(range(len(payloads)))
+        busy: dict[int, tuple[int, float]] = {}  # worker → (task, started at)
+        attempts = [0] * len(payloads)
+        done: dict[int, Any] = {}
+        while len(done) < len(payloads):
+            for wid, (_, tasks) in list(self.procs.items()):
+                if wid not in busy and pending:
+                    tid = pending.popleft()
+                    attempts[tid] += 1
+                    busy[wid] = (tid, time.monotonic())
+                    tasks.put((tid, payloads[tid]))
+            try:
+                wid, tid, ok, value = self.results.get(timeout=0.2)
+                if busy.get(wid, (None,))[0] == tid:  # else: from a worker already given up on
+                    del busy[wid]
+                    if not ok:
+                        raise WorldModelError(f"a worker failed on task {tid}: {value}")
+                    done[tid] = value
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            for wid, (tid, started) in list(busy.items()):
+                proc, _ = self.procs[wid]
+                hung = now - started > self.timeout
+                if proc.is_alive() and not hung:
+                    continue
+                why = (
+                    f"hung for more than {self.timeout:.0f} s"
+                    if proc.is_alive()
+                    else f"died ({proc.exitcode})"
+                )
+                log.warning("worker %d %s on task %d; re-running it on another worker", wid, why, tid)
+                del busy[wid]
+                self._replace(wid)
+                if attempts[tid] >= self.max_attempts:
+                    raise WorldModelError(
+                        f"task {tid} failed {attempts[tid]} times (last: worker {why}); "
+                        "see the log, or raise evolve.rollout_timeout"
+                    )
+                pending.appendleft(tid)
+        return [done[i] for i in range(len(payloads))]
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self.procs.values()]
+
+    def close(self) -> None:
+        for proc, tasks in self.procs.values():
+            if proc.is_alive():
+                tasks.put(None)
+        for proc, _ in self.procs.values():
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.procs.clear()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
