@@ -82,3 +82,10 @@ def rnn_run(smoke: Compose, encode_run: str) -> str:
     from worldmodel.stages import run_stage
 
     return run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}"))
+
+
+@pytest.fixture(scope="session")
+def evolve_run(smoke: Compose, rnn_run: str) -> str:
+    from worldmodel.stages import run_stage
+
+    return run_stage(smoke("stage=evolve", f"inputs.train_rnn={rnn_run}"))

@@ -179,6 +179,7 @@ def run(cfg: DictConfig) -> str:
             if int(hp.eval_episodes):
                 _final_evaluation(cfg, pool, best["params"], out_dir, in_place)
         finally:
+            mlflow.log_metric("workers_replaced", pool.replaced)
             pool.close()
         return run.info.run_id
 
@@ -255,6 +256,11 @@ class _LazyPool:
     ) -> None:
         self.args = (workers, init_worker, (paths, env_cfg, controller_hparams), real_rollout, timeout)
         self.pool: WorkerPool | None = None
+
+    @property
+    def replaced(self) -> int:
+        """Workers that died or hung and were replaced."""
+        return self.pool.replaced if self.pool is not None else 0
 
     def get(self) -> WorkerPool:
         if self.pool is None:

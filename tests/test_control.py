@@ -1,0 +1,246 @@
+"""C and the dream: the controller, batched dreams, evolve (real and dream), the dream stage, the pipeline."""
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from worldmodel import tracking
+from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.models.controller import Controller
+from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.parallel import WorkerPool
+from worldmodel.stages import run_stage
+
+
+def test_controller_parameter_count_and_action_bounds():
+    assert Controller(32, 256).n_params == 867
+    assert Controller(32, 256, inputs="z").n_params == 32 * 3 + 3
+    assert Controller(32, 256, hidden_units=40).n_params == 288 * 40 + 40 + 40 * 3 + 3
+    c = Controller(32, 256, hidden_units=40)
+    params = torch.randn(64, c.n_params) * 10
+    a = c.act(params, torch.randn(64, 32) * 5, torch.randn(64, 256))
+    assert a.shape == (64, 3)
+    assert a[:, 0].min() >= -1 and a[:, 0].max() <= 1 and a[:, 0].min() < -0.5 < 0.5 < a[:, 0].max()
+    assert a[:, 1:].min() >= 0 and a[:, 1:].max() <= 1
+    flat = torch.randn(c.n_params)
+    c.set_flat(flat)
+    assert torch.equal(c.get_flat(), flat)
+    with pytest.raises(ValueError, match="parameters"):
+        c.set_flat(torch.zeros(5))
+
+
+def test_controller_batch_rows_match_single_rows():
+    c = Controller(8, 16)
+    params, z, h = torch.randn(5, c.n_params), torch.randn(5, 8), torch.randn(5, 16)
+    batched = c.act(params, z, h)
+    for i in range(5):
+        c.set_flat(params[i])
+        assert torch.allclose(c(z[i : i + 1], h[i : i + 1]), batched[i : i + 1], atol=1e-6)
+
+
+def test_batched_dreams_equal_each_candidate_alone():
+    torch.manual_seed(0)
+    rnn = MDNRNN(8, 3, hidden=32, mixtures=3).eval()
+    with torch.no_grad():
+        rnn.head.bias[-1] = -3.0  # mostly alive, so the dreams run for a while
+    controller = Controller(8, 32)
+    candidates = torch.randn(4, controller.n_params) * 0.5
+    seeds = [11, 12, 13]
+    mu, logvar = np.random.default_rng(0).standard_normal((6, 8)), np.full((6, 8), -2.0)
+    rows = seeds * 4
+    together, _ = dream_rollouts(
+        rnn,
+        controller,
+        candidates.repeat_interleave(3, 0),
+        initial_latents(mu, logvar, rows),
+        rows,
+        max_steps=120,
+        temperature=1.0,
+    )
+    for c in range(4):
+        alone, _ = dream_rollouts(
+            rnn,
+            controller,
+            candidates[c : c + 1].expand(3, -1),
+            initial_latents(mu, logvar, seeds),
+            seeds,
+            max_steps=120,
+            temperature=1.0,
+        )
+        np.testing.assert_allclose(together[3 * c : 3 * c + 3].numpy(), alone.numpy(), rtol=1e-4, atol=1e-4)
+    assert together.std() > 0, "different candidates and seeds give different returns"
+
+
+def _init(x):
+    return x
+
+
+def _square_or_hang(marker_dir, payload):
+    if payload == 3:  # the first attempt at task 3 hangs; the re-run answers
+        marker = os.path.join(marker_dir, "hung-once")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(3600)
+    return payload * payload
+
+
+def test_worker_pool_replaces_a_hung_worker(tmp_path):
+    with WorkerPool(2, _init, (str(tmp_path),), _square_or_hang, timeout=4) as pool:
+        assert pool.map(list(range(6))) == [0, 1, 4, 9, 16, 25]
+        assert pool.replaced == 1
+
+
+def test_evolve_dream_run(smoke, evolve_run, rnn_run):
+    tracking.setup(smoke())
+    run = mlflow.get_run(evolve_run)
+    assert run.info.status == "FINISHED" and run.data.tags["upstream.train_rnn"] == rnn_run
+    assert run.data.tags["mode"] == "dream" and run.data.params["evolve.popsize"] == "4"
+    client = MlflowClient()
+    for key in (
+        "fitness/best",
+        "fitness/mean",
+        "fitness/worst",
+        "cma/sigma",
+        "rollouts_per_s",
+        "real/check_score",
+    ):
+        assert [m.step for m in client.get_metric_history(evolve_run, key)] == [0, 1], key
+    m = run.data.metrics
+    assert m["eval/episodes"] == 2 and np.isfinite(m["eval/score_mean"]) and m["eval/score_std"] >= 0
+    names = {a.path for a in client.list_artifacts(evolve_run)}
+    assert {"controller.pt", "evaluation.gif", "cma"} <= names
+    gif = Image.open(tracking.artifact_path(evolve_run, "evaluation.gif"))
+    assert gif.n_frames == 20 and gif.size == (2 * 64 * 3, 64 * 3), "real frame beside its reconstruction"
+    ckpt = torch.load(tracking.artifact_path(evolve_run, "controller.pt"), weights_only=True)
+    assert ckpt["hparams"]["inputs"] == "zh"
+    assert ckpt["state_dict"]["flat"].numel() == (32 + 32) * 3 + 3  # z32 and the smoke LSTM's h32
+
+
+def test_evolve_real_mode_survives_a_killed_worker(smoke, rnn_run):
+    killed = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            workers = [p for p in mp.active_children() if p.name.startswith("SpawnProcess")]
+            if workers:
+                time.sleep(1.5)  # let it start a rollout
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append(workers[0].pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    run_id = run_stage(
+        smoke(
+            "stage=evolve",
+            "evolve.mode=real",
+            "evolve.generations=1",
+            "evolve.max_steps=150",
+            "evolve.eval_episodes=0",
+            f"inputs.train_rnn={rnn_run}",
+        )
+    )
+    killer.join(timeout=5)
+    assert killed, "a worker was killed during the run"
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["workers_replaced"] >= 1
+    assert np.isfinite(run.data.metrics["fitness/best"])
+
+
+def test_evolve_resume_continues_the_cma_state(smoke, rnn_run):
+    common = (
+        "stage=evolve",
+        f"inputs.train_rnn={rnn_run}",
+        "evolve.real_check_every=0",
+        "evolve.eval_episodes=0",
+    )
+    straight = run_stage(smoke(*common, "evolve.generations=3"))
+    first = run_stage(smoke(*common, "evolve.generations=2"))
+    MlflowClient().set_terminated(first, "KILLED")
+    resumed = run_stage(smoke(*common, "evolve.generations=3", f"inputs.resume={first}"))
+    assert resumed == first
+    client = MlflowClient()
+    history = client.get_metric_history(first, "fitness/best")
+    assert [m.step for m in history] == [0, 1, 2]
+    expected = client.get_metric_history(straight, "fitness/best")
+    np.testing.assert_allclose([m.value for m in history], [m.value for m in expected], rtol=1e-5)
+    sigmas = [m.value for m in client.get_metric_history(first, "cma/sigma")]
+    np.testing.assert_allclose(sigmas, [m.value for m in client.get_metric_history(straight, "cma/sigma")])
+
+
+def test_dream_replay_gif_and_latent_error(smoke, evolve_run):
+    run_id = run_stage(smoke("stage=dream", "dream.steps=12", "dream.episodes=1"))
+    tracking.setup(smoke())
+    gif = Image.open(tracking.artifact_path(run_id, "gifs/replay_000.gif"))
+    assert gif.n_frames == 12 and gif.size == (3 * 64 * 3, 64 * 3), "real | reconstruction | dream"
+    history = MlflowClient().get_metric_history(run_id, "replay/latent_mse")
+    assert len(history) == 12 and history[0].value == 0.0, "the dream starts on the real latent"
+    free = run_stage(smoke("stage=dream", "dream.mode=free", "dream.steps=10", "dream.episodes=2"))
+    assert mlflow.get_run(free).data.tags["upstream.evolve"]
+    frames = Image.open(tracking.artifact_path(free, "gifs/free_001.gif"))
+    assert frames.size == (64 * 3, 64 * 3) and 1 <= frames.n_frames <= 10
+    by_policy = run_stage(
+        smoke("stage=dream", "dream.mode=free", "dream.use_controller=false", "dream.steps=10")
+    )
+    assert Image.open(tracking.artifact_path(by_policy, "gifs/free_000.gif")).n_frames == 10
+
+
+def test_collect_with_an_evolved_controller(smoke, evolve_run):
+    run_id = run_stage(
+        smoke(
+            "stage=collect",
+            "policy=controller",
+            f"policy.run_id={evolve_run}",
+            "collect.workers=1",
+            "collect.episodes=2",
+        )
+    )
+    tracking.setup(smoke())
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["upstream.evolve"] == evolve_run and run.data.tags["policy"] == "controller"
+    with h5py.File(tracking.artifact_path(run_id, "shards/shard_00000.h5"), "r") as f:
+        actions = f["actions"][:]
+    assert actions.shape == (2, 40, 3)
+    assert np.all(actions[..., 0] >= -1) and np.all(actions[..., 1:] >= 0) and np.all(actions <= 1)
+    assert not np.allclose(actions[:, :20], [-0.1, 1.0, 0.0]), "not the pseudo-random warm-up"
+
+
+def test_pipeline_parent_with_seven_children(smoke, tmp_path):
+    parent = run_stage(smoke("stage=pipeline", "mlflow.experiment=pipeline-test"))
+    tracking.setup(smoke("mlflow.experiment=pipeline-test"))
+    run = mlflow.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pipeline"
+    children = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    stages = {c.data.tags["stage"]: c for c in children}
+    assert sorted(stages) == sorted(
+        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream"]
+    )
+    assert all(c.info.status == "FINISHED" and c.data.tags["pipeline"] == parent for c in children)
+    assert stages["merge"].data.tags["upstream.collect"] == stages["collect"].info.run_id
+    assert stages["dream"].data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id
+    for key in ("vae/val_loss", "rnn/val_nll", "rnn/baseline_nll", "evolve/best_fitness", "eval/score_mean"):
+        assert np.isfinite(run.data.metrics[key]), key
+    assert run.data.params["latent.size"] == "32"
+
+
+def test_pipeline_stage_range_is_validated(smoke):
+    from worldmodel.errors import WorldModelError
+
+    with pytest.raises(WorldModelError, match="pipeline.stages"):
+        run_stage(smoke("stage=pipeline", "pipeline.stages=[dream,collect]"))
