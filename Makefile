@@ -11,7 +11,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup pipeline sweep test test-all lint ui clean
+.PHONY: help setup pipeline sweep bench test test-all lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -37,9 +37,12 @@ test: setup ## the fast test suite (what CI runs)
 test-all: setup ## every test, slow ones included
 	$(PY) -m pytest -q
 
+bench: setup ## performance figures as ratios against same-run baselines → outputs/bench/latest.json
+	$(PY) benchmarks/bench.py
+
 lint: setup ## ruff
-	$(BIN)/ruff check worldmodel tests
-	$(BIN)/ruff format --check worldmodel tests
+	$(BIN)/ruff check worldmodel tests benchmarks
+	$(BIN)/ruff format --check worldmodel tests benchmarks
 
 ui: setup ## MLflow UI on the local store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000

@@ -9,7 +9,12 @@ from PIL import Image
 
 
 def make_env(env_cfg: DictConfig) -> gym.Env:
-    """The raw gymnasium env; observations are the 96×96 RGB state pixels."""
+    """The gymnasium env; observations are the 96×96 RGB state pixels. For CarRacing-v3,
+    `env.fast_render` (default) picks the faster renderer with identical kept pixels."""
+    if env_cfg.get("fast_render", False) and env_cfg.id == "CarRacing-v3":
+        from worldmodel.fast_carracing import register_fast_env
+
+        return gym.make(register_fast_env())
     return gym.make(str(env_cfg.id))
 
 

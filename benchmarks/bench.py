@@ -1,0 +1,256 @@
+"""`make bench`: each performance figure as a ratio against a baseline measured in the same run.
+
+The machines are shared and noisy, so no figure is an absolute time: each is compared with a baseline
+timed minutes (or seconds) apart on the same machine, best of a few repeats. Prints a table and writes
+outputs/bench/latest.json: [{figure, value, baseline, ratio, target}, ...].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import worldmodel  # noqa: E402,F401
+from worldmodel import tracking  # noqa: E402
+from worldmodel.agent import Agent  # noqa: E402
+from worldmodel.config import CONFIG_DIR  # noqa: E402
+from worldmodel.data.datasets import ShuffledFrameBatches  # noqa: E402
+from worldmodel.dreaming import dream_rollouts, initial_latents  # noqa: E402
+from worldmodel.envs import make_env  # noqa: E402
+from worldmodel.models.controller import Controller  # noqa: E402
+from worldmodel.models.mdnrnn import MDNRNN  # noqa: E402
+from worldmodel.models.vae import VAE, to_input, vae_loss  # noqa: E402
+from worldmodel.parallel import WorkerPool  # noqa: E402
+from worldmodel.stages import run_stage  # noqa: E402
+from worldmodel.stages.evolve import real_rollout  # noqa: E402
+
+WORKERS = int(os.environ.get("BENCH_WORKERS", os.cpu_count() or 1))
+RESULTS: list[dict] = []
+
+
+def best_of(fn: Callable[[], float], repeats: int = 3) -> float:
+    """The best rate (per second) of `repeats` runs: the least disturbed by other load."""
+    return max(fn() for _ in range(repeats))
+
+
+def record(figure: str, value: float, baseline: float, target: str, ratio: float | None = None) -> None:
+    ratio = value / baseline if ratio is None else ratio
+    RESULTS.append(
+        {
+            "figure": figure,
+            "value": round(value, 3),
+            "baseline": round(baseline, 3),
+            "ratio": round(ratio, 3),
+            "target": target,
+        }
+    )
+    print(f"  {figure:<48} {value:>12.1f} {baseline:>12.1f} {ratio:>8.2f}  {target}", flush=True)
+
+
+def steps_per_s(env: gym.Env, steps: int, seed: int = 0) -> float:
+    env.reset(seed=seed)
+    action = np.array([0.05, 0.5, 0.0], np.float32)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _, _, term, trunc, _ = env.step(action)
+        if term or trunc:
+            env.reset()
+    return steps / (time.perf_counter() - t0)
+
+
+def cfg_for(store: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(
+            config_name="config", overrides=["experiment=smoke", f"paths.outputs={store}", *overrides]
+        )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    store = Path(tempfile.mkdtemp(prefix="wm-bench-"))
+    print(f"worldmodel benchmarks on {os.cpu_count()} cores, {WORKERS} workers; scratch store {store}")
+    print(f"  {'figure':<48} {'value':>12} {'baseline':>12} {'ratio':>8}  target")
+    try:
+        run_all(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    out = ROOT / "outputs" / "bench" / "latest.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(RESULTS, indent=2))
+    print(f"written {out}")
+
+
+def run_all(store: Path) -> None:
+    base = cfg_for(store)
+    stock_env = make_env(cfg_for(store, "env.fast_render=false").env)
+    fast_env = make_env(base.env)
+
+    # 1. The renderer: steps/s of the fast env against the stock env, same core, alternating.
+    stock = best_of(lambda: steps_per_s(stock_env, 300))
+    fast = best_of(lambda: steps_per_s(fast_env, 300))
+    record("env steps/s, fast renderer (vs stock)", fast, stock, ">=2.5")
+
+    # 2. collect with N workers against N × one process stepping the raw (fast) env.
+    episodes, steps = 4 * WORKERS, 400
+    t0 = time.perf_counter()
+    collect_id = run_stage(
+        cfg_for(
+            store,
+            "stage=collect",
+            f"collect.episodes={episodes}",
+            f"collect.max_steps={steps}",
+            f"collect.workers={WORKERS}",
+            "collect.episodes_per_shard=2",
+        )
+    )
+    collect_fps = episodes * steps / (time.perf_counter() - t0)
+    record(f"collect frames/s, {WORKERS} workers (vs N x raw env)", collect_fps, WORKERS * fast, ">=0.9")
+
+    # 3. merge against copying the shard files.
+    tracking.setup(base)
+    shards = [tracking.artifact_path(collect_id, p) for p in tracking.list_artifacts(collect_id, "shards")]
+    size = sum(p.stat().st_size for p in shards)
+
+    def copy_rate() -> float:
+        target = store / "copy"
+        target.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        for p in shards:
+            shutil.copyfile(p, target / p.name)
+        return size / (time.perf_counter() - t)
+
+    copy = best_of(copy_rate)
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        merge_id = run_stage(cfg_for(store, "stage=merge", f"inputs.collect={collect_id}"))
+        rates.append(size / (time.perf_counter() - t))
+    record("merge MB/s (vs shutil.copyfile of shards)", max(rates) / 2**20, copy / 2**20, ">=0.5")
+
+    # 4-5. VAE data loading and an epoch read from HDF5 against tensors already in memory.
+    dataset = tracking.artifact_path(merge_id, "dataset.h5")
+    batch = 100
+    loader = ShuffledFrameBatches(dataset, batch, "train", buffer_frames=1024, seed=0)
+
+    def loader_rate() -> float:
+        t, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(to_input(b))
+        return n / (time.perf_counter() - t)
+
+    torch.set_num_threads(os.cpu_count() or 1)  # training uses every core, as the stage does
+    model = VAE(32, 64)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    memory = [to_input(b) for b in loader]
+
+    def train_steps(batches) -> float:
+        t, n = time.perf_counter(), 0
+        for b in batches:
+            x = b if b.dtype == torch.float32 else to_input(b)
+            loss = vae_loss(x, *model(x), 0.5).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(x)
+        return n / (time.perf_counter() - t)
+
+    train_fps = best_of(lambda: train_steps(memory[:8]), 2)
+    record("VAE loader frames/s (vs VAE training frames/s)", best_of(loader_rate), train_fps, ">=5")
+    from_memory = best_of(lambda: train_steps(memory), 2)
+    from_hdf5 = best_of(lambda: train_steps(loader), 2)
+    record(
+        "VAE epoch time, HDF5 (vs in-memory tensors)",
+        len(memory) * batch / from_hdf5,
+        len(memory) * batch / from_memory,
+        "<=1.1",
+        ratio=from_memory / from_hdf5,
+    )
+
+    # 6. encode (the stage, through HDF5) against the encoder on an in-memory batch.
+    vae_id = run_stage(cfg_for(store, "stage=train_vae", f"inputs.merge={merge_id}", "train_vae.epochs=1"))
+    x = memory[0].repeat(10, 1, 1, 1)[:1000]
+    enc_model = VAE(32, 64).eval()
+
+    def encoder_rate() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            enc_model.encode(x)
+            return len(x) / (time.perf_counter() - t)
+
+    encoder = best_of(encoder_rate)
+    enc = []
+    for _ in range(2):
+        t = time.perf_counter()
+        run_stage(cfg_for(store, "stage=encode", f"inputs.train_vae={vae_id}", "encode.batch_size=1000"))
+        enc.append(episodes * steps / (time.perf_counter() - t))
+    record("encode frames/s (vs encoder on in-memory batch)", max(enc), encoder, ">=0.9")
+
+    # 7. A real-mode evolve worker (env + VAE + MDN-RNN + controller, one thread) against the raw env.
+    torch.set_num_threads(1)
+    rnn = MDNRNN(32, 3, 256, 5).eval()
+    controller = Controller(32, 256)
+    agent = Agent(VAE(32, 64).eval(), rnn, controller)
+    agent.set_params(np.random.default_rng(0).standard_normal(controller.n_params).astype(np.float32) * 0.1)
+    state = (fast_env, agent, {"crop_bottom": 12, "image_size": 64})
+
+    def worker_rate() -> float:
+        t = time.perf_counter()
+        real_rollout(state, (agent.params[0].numpy(), 0, 300, False))
+        return 300 / (time.perf_counter() - t)
+
+    raw = best_of(lambda: steps_per_s(fast_env, 300))
+    record("evolve real-mode steps/s per worker (vs raw env)", best_of(worker_rate), raw, ">=0.8")
+
+    # 8. Dream-mode against real-mode rollouts/s on the same cores (popsize 16 × 4 rollouts, 200 steps).
+    torch.set_num_threads(os.cpu_count() or 1)
+    pop, rollouts, horizon = 16, 4, 200
+    params = torch.randn(pop * rollouts, controller.n_params) * 0.1
+    seeds = list(range(pop * rollouts))
+    z0 = initial_latents(np.zeros((4, 32), np.float32), np.zeros((4, 32), np.float32), seeds)
+    with torch.no_grad():
+        rnn.head.bias[-1] = -10.0  # never "done", so every dream runs the full horizon
+
+    def dream_rate() -> float:
+        t = time.perf_counter()
+        dream_rollouts(rnn, controller, params, z0, seeds, horizon, 1.0)
+        return len(seeds) / (time.perf_counter() - t)
+
+    dream = best_of(dream_rate, 2)
+    checkpoints = {"vae": store / "vae.pt", "rnn": store / "rnn.pt"}
+    torch.save({"state_dict": agent.vae.state_dict(), "hparams": agent.vae.hparams}, checkpoints["vae"])
+    torch.save({"state_dict": rnn.state_dict(), "hparams": rnn.hparams}, checkpoints["rnn"])
+    from worldmodel.stages.evolve import init_worker
+
+    env_cfg = {"id": "CarRacing-v3", "fast_render": True, "crop_bottom": 12, "image_size": 64}
+    with WorkerPool(
+        WORKERS,
+        init_worker,
+        ({k: str(v) for k, v in checkpoints.items()}, env_cfg, controller.hparams),
+        real_rollout,
+        timeout=600,
+    ) as pool:
+        pool.map([(params[0].numpy(), 0, 5, False)] * WORKERS)  # workers started and warm
+        n_real = 2 * WORKERS
+        t = time.perf_counter()
+        pool.map([(params[i].numpy(), i, horizon, False) for i in range(n_real)])
+        real = n_real / (time.perf_counter() - t)
+    record(f"evolve dream rollouts/s (vs real, {WORKERS} cores)", dream, real, ">=100")
+
+
+if __name__ == "__main__":
+    main()
