@@ -8,8 +8,9 @@ the dashboard text that our preprocessing crops away. This subclass:
   them in one vectorised pass, with the same float64 arithmetic as pygame's `Vector2.rotate_rad`, so the
   drawn coordinates, and therefore the pixels, are identical;
 - reads tile colours live (a tile's colour array is changed in place when the car first touches it);
-- skips the dashboard's text and bars but still draws its black box (all of it is cropped by
-  `env.crop_bottom`; the rest of the frame is unchanged).
+- draws, flips and shrinks only the 700 of 800 window rows above the dashboard, reusing one window
+  surface. The dashboard (the bottom 12 rows of the 96×96 state, which `env.crop_bottom` removes) is
+  left black: the rest of the frame is identical to the stock env's.
 
 `tests/test_fast_carracing.py` steps this env beside the stock one and compares every cropped frame,
 reward and done: run it after upgrading gymnasium (the version range in pyproject.toml is the one
@@ -27,6 +28,8 @@ from gymnasium.envs.registration import register, registry
 from pygame import gfxdraw
 
 FAST_ID = "worldmodel/FastCarRacing-v3"
+_DASH = int(cr.WINDOW_H * 5 / 40)  # the dashboard box: the bottom 100 of 800 rows, 12 of 96 in the state
+_KEPT_ROWS = cr.STATE_H - cr.STATE_H * 5 // 40
 _TWO_PI = 2 * math.pi
 
 
@@ -69,7 +72,9 @@ class FastCarRacing(cr.CarRacing):
             py = (sin * x + cos * y) * zoom + ty
             m = cr.MAX_SHAPE_DIM
             inside = (px >= -m) & (px <= cr.WINDOW_W + m) & (py >= -m) & (py <= cr.WINDOW_H + m)
-            for i in np.flatnonzero(inside.any(axis=1)):
+            # Pre-flip rows below _DASH end up under the dashboard, which the crop removes.
+            visible = inside.any(axis=1) & (py.max(axis=1) >= _DASH - 2)
+            for i in np.flatnonzero(visible):
                 poly = list(zip(px[i].tolist(), py[i].tolist()))
                 color = grass_color if colors is None else [int(c) for c in colors[i][1]]
                 gfxdraw.aapolygon(self.surf, poly, color)
@@ -85,21 +90,18 @@ class FastCarRacing(cr.CarRacing):
         if _covers_window(corners, margin=cr.MAX_SHAPE_DIM):
             self.surf.fill(self.bg_color)
         else:
+            self.surf.fill((0, 0, 0))  # what a fresh pygame.Surface holds
             self._draw_colored_polygon(self.surf, field, self.bg_color, zoom, translation, angle, clip=False)
-
-    def _render_indicators(self, W, H):
-        # Only the dashboard's black box; its bars lie inside it and are cropped away.
-        pygame.draw.polygon(
-            self.surf, color=(0, 0, 0), points=[(W, H), (W, H - 5 * H / 40.0), (0, H - 5 * H / 40.0), (0, H)]
-        )
 
     def _render(self, mode: str):
         if mode != "state_pixels":
             return super()._render(mode)
-        # The stock `_render` for state pixels, without the score text (drawn inside the dashboard box).
+        # The stock `_render` for state pixels, drawing only what survives the dashboard crop.
         if "t" not in self.__dict__:
             return None
-        self.surf = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
+        if getattr(self, "_canvas", None) is None:
+            self._canvas = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
+        self.surf = self._canvas  # reused: the background covers (or is preceded by a clear of) every pixel
         angle = -self.car.hull.angle
         zoom = 0.1 * cr.SCALE * max(1 - self.t, 0) + cr.ZOOM * cr.SCALE * min(self.t, 1)
         scroll_x = -(self.car.hull.position[0]) * zoom
@@ -108,9 +110,15 @@ class FastCarRacing(cr.CarRacing):
         trans = (cr.WINDOW_W / 2 + trans[0], cr.WINDOW_H / 4 + trans[1])
         self._render_road(zoom, trans, angle)
         self.car.draw(self.surf, zoom, trans, angle, False)
-        self.surf = pygame.transform.flip(self.surf, False, True)
-        self._render_indicators(cr.WINDOW_W, cr.WINDOW_H)
-        return self._create_image_array(self.surf, (cr.STATE_W, cr.STATE_H))
+        # Flip and shrink only the rows above the dashboard: 700 of 800 rows to 84 of 96 is the same
+        # ratio, so pygame's smoothscale maps them exactly as it does inside the full frame.
+        kept = pygame.transform.flip(
+            self.surf.subsurface((0, _DASH, cr.WINDOW_W, cr.WINDOW_H - _DASH)), False, True
+        )
+        small = pygame.transform.smoothscale(kept, (cr.STATE_W, _KEPT_ROWS))
+        obs = np.zeros((cr.STATE_H, cr.STATE_W, 3), np.uint8)  # the dashboard rows stay black
+        obs[:_KEPT_ROWS] = pygame.surfarray.pixels3d(small).transpose(1, 0, 2)
+        return obs
 
 
 def _covers_window(poly: list[tuple[float, float]], margin: float) -> bool:

@@ -12,7 +12,7 @@ import multiprocessing as mp
 import queue
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from worldmodel.errors import WorldModelError
@@ -73,11 +73,16 @@ class WorkerPool:
 
     def map(self, payloads: Sequence[Any]) -> list[Any]:
         """Results in the order of `payloads`."""
+        done = dict(self.imap_unordered(payloads))
+        return [done[i] for i in range(len(payloads))]
+
+    def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """(index, result) pairs as tasks finish; each task's result is yielded exactly once."""
         pending = deque(range(len(payloads)))
         busy: dict[int, tuple[int, float]] = {}  # worker → (task, started at)
         attempts = [0] * len(payloads)
-        done: dict[int, Any] = {}
-        while len(done) < len(payloads):
+        finished = 0
+        while finished < len(payloads):
             for wid, (_, tasks) in list(self.procs.items()):
                 if wid not in busy and pending:
                     tid = pending.popleft()
@@ -90,7 +95,8 @@ class WorkerPool:
                     del busy[wid]
                     if not ok:
                         raise WorldModelError(f"a worker failed on task {tid}: {value}")
-                    done[tid] = value
+                    finished += 1
+                    yield tid, value
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -109,11 +115,9 @@ class WorkerPool:
                 self._replace(wid)
                 if attempts[tid] >= self.max_attempts:
                     raise WorldModelError(
-                        f"task {tid} failed {attempts[tid]} times (last: worker {why}); "
-                        "see the log, or raise evolve.rollout_timeout"
+                        f"task {tid} failed {attempts[tid]} times (last: worker {why}); see the log"
                     )
                 pending.appendleft(tid)
-        return [done[i] for i in range(len(payloads))]
 
     def pids(self) -> list[int]:
         return [proc.pid for proc, _ in self.procs.values()]

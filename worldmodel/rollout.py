@@ -52,7 +52,10 @@ def run_episode(cfg: DictConfig, index: int) -> Episode:
     return Episode(images, actions, rewards, dones, length, index)
 
 
-def run_episode_task(args: tuple[dict, int]) -> Episode:
-    """Pool entry point: the config travels as a plain dict."""
-    cfg, index = args
-    return run_episode(OmegaConf.create(cfg), index)
+def init_worker(cfg: dict) -> DictConfig:
+    """WorkerPool init: the config travels as a plain dict."""
+    return OmegaConf.create(cfg)
+
+
+def episode_task(cfg: DictConfig, index: int) -> Episode:
+    return run_episode(cfg, index)

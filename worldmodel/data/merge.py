@@ -1,7 +1,7 @@
 """Stream verified rollout files into one dataset, one episode at a time.
 
-Images are copied chunk by chunk without decompressing when source and target share chunk shape and
-filter (the common case: both written by worldmodel), which keeps merge close to a file copy.
+Per-step datasets are copied chunk by chunk without decompressing when source and target share chunk
+shape and filter (the common case: both written by worldmodel).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 
 from worldmodel.data import rollouts
 from worldmodel.data.rollouts import RolloutInfo
+
+PER_STEP = ("images", "actions", "rewards", "dones")  # (E, T, ...) datasets, chunked within an episode
 
 
 def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,12 +35,15 @@ def _same_layout(src: h5py.Dataset, dst: h5py.Dataset) -> bool:
     )
 
 
-def _copy_images(src: h5py.Dataset, s: int, dst: h5py.Dataset, d: int, raw: bool) -> None:
-    steps, chunk = src.shape[1], src.chunks[1]
+def _copy_episode(src: h5py.Dataset, s: int, dst: h5py.Dataset, d: int, raw: bool) -> None:
+    """Episode s of `src` into slot d of `dst`: compressed chunks as they are when the layouts match,
+    else decoded and re-encoded one chunk's worth of steps at a time."""
+    steps, chunk = src.shape[1], dst.chunks[1]
+    rest = (0,) * (src.ndim - 2)
     for t in range(0, steps, chunk):
         if raw:
-            mask, data = src.id.read_direct_chunk((s, t, 0, 0, 0))
-            dst.id.write_direct_chunk((d, t, 0, 0, 0), data, mask)
+            mask, data = src.id.read_direct_chunk((s, t, *rest))
+            dst.id.write_direct_chunk((d, t, *rest), data, mask)
         else:
             dst[d, t : t + chunk] = src[s, t : t + chunk]
 
@@ -77,14 +82,15 @@ def merge_files(
         d = 0
         for info, run_id in zip(infos, source_runs):
             with h5py.File(info.path, "r") as src:
-                raw = _same_layout(src["images"], f["images"])
+                raw = {name: _same_layout(src[name], f[name]) for name in PER_STEP}
                 for s in range(info.episodes):
-                    _copy_images(src["images"], s, f["images"], d, raw)
-                    for name in ("actions", "rewards", "dones", "lengths", "episode"):
-                        f[name][d] = src[name][s]
-                    source[d] = runs.index(run_id)
-                    d += 1
+                    for name in PER_STEP:
+                        _copy_episode(src[name], s, f[name], d + s, raw[name])
                     progress(1)
+                for name in ("lengths", "episode"):
+                    f[name][d : d + info.episodes] = src[name][:]
+                source[d : d + info.episodes] = runs.index(run_id)
+                d += info.episodes
         train, val = split_episodes(total, val_fraction, seed)
         f.create_dataset("split/train", data=train.astype(np.int64))
         f.create_dataset("split/val", data=val.astype(np.int64))

@@ -75,9 +75,20 @@ class MDNRNN(nn.Module):
 
     def step(self, z: torch.Tensor, a: torch.Tensor, state: State) -> tuple[MDNOutput, State]:
         """One step for the controller and the dream: z (B, Z), a (B, A) → predictions, new state.
-        The new hidden h is `state[0][0]`."""
-        h, state = self.lstm(torch.cat([z, a], dim=-1).unsqueeze(1), state)
-        return self._heads(h.squeeze(1)), state
+        The new hidden h is `state[0][0]`.
+
+        The LSTM cell is written out with the nn.LSTM's own weights: for a single step it is ~6× faster
+        than calling nn.LSTM (whose per-call overhead dominates), and agrees with it to float rounding."""
+        lstm = self.lstm
+        h, c = state[0][0], state[1][0]
+        gates = torch.addmm(
+            lstm.bias_ih_l0 + lstm.bias_hh_l0, torch.cat([z, a], dim=-1), lstm.weight_ih_l0.t()
+        )
+        gates = torch.addmm(gates, h, lstm.weight_hh_l0.t())
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return self._heads(h), (h.unsqueeze(0), c.unsqueeze(0))
 
 
 def mixture_log_prob(m: Mixture, target: torch.Tensor) -> torch.Tensor:

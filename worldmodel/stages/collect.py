@@ -9,7 +9,6 @@ shards and collects only the rest.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -20,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from worldmodel import tracking
-from worldmodel.config import check, one_of, positive_int
+from worldmodel.config import check, one_of, positive_int, positive_number
 from worldmodel.data import rollouts
 from worldmodel.images import mosaic
-from worldmodel.rollout import run_episode, run_episode_task
+from worldmodel.parallel import WorkerPool
+from worldmodel.rollout import episode_task, init_worker, run_episode
 
 log = logging.getLogger(__name__)
 SHARDS = "shards"
@@ -31,6 +31,7 @@ SHARDS = "shards"
 
 def validate(cfg: DictConfig) -> None:
     positive_int(cfg, "collect.episodes", "collect.max_steps", "collect.episodes_per_shard")
+    positive_number(cfg, "collect.episode_timeout")
     check(
         cfg,
         "collect.workers",
@@ -187,15 +188,22 @@ def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) 
 
 
 def _episodes(cfg: DictConfig, indices: list[int], workers: int):
-    """Episodes in completion order; a pool of `workers` processes, or this one when 1."""
+    """Episodes in completion order; from worker processes, or this one when 1. A worker that dies or
+    hangs (collect.episode_timeout) is replaced and its episode collected again."""
     if workers == 1 or len(indices) <= 1:
         for i in indices:
             yield run_episode(cfg, i)
         return
     plain = OmegaConf.to_container(cfg, resolve=True)
-    # spawn: a clean interpreter per worker, no inherited MLflow/SQLite state or threads.
-    with mp.get_context("spawn").Pool(min(workers, len(indices))) as pool:
-        yield from pool.imap_unordered(run_episode_task, [(plain, i) for i in indices])
+    with WorkerPool(
+        min(workers, len(indices)),
+        init_worker,
+        (plain,),
+        episode_task,
+        timeout=float(cfg.collect.episode_timeout),
+    ) as pool:
+        for _, episode in pool.imap_unordered(indices):
+            yield episode
 
 
 def _sample_frames(ep: rollouts.Episode, wanted: int, episodes: int) -> list[np.ndarray]:
