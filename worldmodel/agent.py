@@ -15,6 +15,14 @@ from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE, to_input
 
 
+def single_frame_inference() -> None:
+    """Torch settings for a process that runs the agent one frame at a time on one core: one thread
+    (more only fight the other workers) and no oneDNN, whose per-call set-up costs more than it saves on
+    a single 64×64 frame (measured: 2.4 → 1.15 ms per agent step)."""
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+
+
 def _load(path: Path | str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -80,7 +80,7 @@ class ControllerPolicy:
     _agents: dict = {}  # one loaded agent per process and checkpoint set
 
     def __init__(self, cfg: DictConfig) -> None:
-        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae
+        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, single_frame_inference
 
         if "paths" not in cfg:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
@@ -88,10 +88,8 @@ class ControllerPolicy:
         if key not in self._agents:
             import multiprocessing
 
-            import torch
-
-            if multiprocessing.parent_process() is not None:
-                torch.set_num_threads(1)  # a collect worker: one core each
+            if multiprocessing.parent_process() is not None:  # a collect worker: one core each
+                single_frame_inference()
             self._agents[key] = Agent(
                 load_vae(cfg.paths.vae), load_rnn(cfg.paths.rnn), load_controller(cfg.paths.controller)
             )

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, play
+from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, play, single_frame_inference
 from worldmodel.config import check, one_of, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.dreaming import dream_rollouts, initial_latents
@@ -74,7 +74,7 @@ def seed_of(*key: int) -> int:
 
 
 def init_worker(paths: dict[str, str], env_cfg: dict, controller_hparams: dict) -> tuple:
-    torch.set_num_threads(1)  # one core per worker: more threads only fight each other
+    single_frame_inference()
     agent = Agent(load_vae(paths["vae"]), load_rnn(paths["rnn"]), Controller(**controller_hparams))
     return make_env(OmegaConf.create(env_cfg)), agent, env_cfg
 
