@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from worldmodel.checkpoints import load_module
 from worldmodel.envs import preprocess
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
@@ -23,29 +24,16 @@ def single_frame_inference() -> None:
     torch.backends.mkldnn.enabled = False
 
 
-def _load(path: Path | str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_vae(path: Path | str) -> VAE:
-    ckpt = _load(path)
-    model = VAE(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return load_module(VAE, path)
 
 
 def load_rnn(path: Path | str) -> MDNRNN:
-    ckpt = _load(path)
-    model = MDNRNN(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return load_module(MDNRNN, path)
 
 
 def load_controller(path: Path | str) -> Controller:
-    ckpt = _load(path)
-    model = Controller(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return load_module(Controller, path)
 
 
 class Agent:

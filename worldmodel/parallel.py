@@ -1,5 +1,6 @@
 """A process pool that survives its workers: a worker that dies or hangs past `timeout` seconds is
-replaced and its task re-run on another, so a stage never hangs on one bad process.
+replaced and its task re-run on another, so a stage never hangs on one bad process. Timeouts count from
+the moment a worker has finished `init` (loading models can take a while) and reported ready.
 
 Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
 `task(state, payload)` for every payload it is given. Functions must be importable (spawn).
@@ -24,6 +25,7 @@ def _worker_main(
     init: Callable, init_args: tuple, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int
 ) -> None:
     state = init(*init_args)
+    results.put((wid, None, True, "ready"))  # timeouts count from here, not from process start
     while (item := tasks.get()) is not None:
         tid, payload = item
         try:
@@ -47,8 +49,11 @@ class WorkerPool:
         self.timeout, self.max_attempts = timeout, max_attempts
         self.results: mp.Queue = self.ctx.Queue()
         self.procs: dict[int, tuple[mp.Process, mp.Queue]] = {}
+        self.ready: set[int] = set()
+        self.spawned: dict[int, float] = {}
         self._next_wid = 0
         self.replaced = 0
+        self.start_failures = 0
         for _ in range(workers):
             self._spawn()
 
@@ -62,9 +67,11 @@ class WorkerPool:
         )
         proc.start()
         self.procs[wid] = (proc, tasks)
+        self.spawned[wid] = time.monotonic()
 
     def _replace(self, wid: int) -> None:
         proc, _ = self.procs.pop(wid)
+        self.ready.discard(wid)
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=5)
@@ -84,14 +91,16 @@ class WorkerPool:
         finished = 0
         while finished < len(payloads):
             for wid, (_, tasks) in list(self.procs.items()):
-                if wid not in busy and pending:
+                if wid in self.ready and wid not in busy and pending:
                     tid = pending.popleft()
                     attempts[tid] += 1
                     busy[wid] = (tid, time.monotonic())
                     tasks.put((tid, payloads[tid]))
             try:
                 wid, tid, ok, value = self.results.get(timeout=0.2)
-                if busy.get(wid, (None,))[0] == tid:  # else: from a worker already given up on
+                if tid is None:
+                    self.ready.add(wid)
+                elif busy.get(wid, (None,))[0] == tid:  # else: from a worker already given up on
                     del busy[wid]
                     if not ok:
                         raise WorldModelError(f"a worker failed on task {tid}: {value}")
@@ -99,6 +108,7 @@ class WorkerPool:
                     yield tid, value
             except queue.Empty:
                 pass
+            self._restart_failed_starts()
             now = time.monotonic()
             for wid, (tid, started) in list(busy.items()):
                 proc, _ = self.procs[wid]
@@ -118,6 +128,19 @@ class WorkerPool:
                         f"task {tid} failed {attempts[tid]} times (last: worker {why}); see the log"
                     )
                 pending.appendleft(tid)
+
+    def _restart_failed_starts(self) -> None:
+        now = time.monotonic()
+        for wid, (proc, _) in list(self.procs.items()):
+            if wid not in self.ready and (not proc.is_alive() or now - self.spawned[wid] > self.timeout):
+                self.start_failures += 1
+                if self.start_failures > 2 * len(self.procs) + 2:
+                    raise WorldModelError(
+                        f"worker processes keep dying while starting (exit code {proc.exitcode}); "
+                        "see the log above"
+                    )
+                log.warning("worker %d failed to start (exit code %s); starting another", wid, proc.exitcode)
+                self._replace(wid)
 
     def pids(self) -> list[int]:
         return [proc.pid for proc, _ in self.procs.values()]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from worldmodel import tracking
+from worldmodel.checkpoints import load_checkpoint
 from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
@@ -34,24 +32,6 @@ def pick_device(cfg: DictConfig) -> torch.device:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise WorldModelError("device=mps but torch sees no MPS device; use device=auto or device=cpu")
     return torch.device(kind)
-
-
-def save_checkpoint(path: Path, model: nn.Module, **extra: Any) -> None:
-    """A state dict plus the hyperparameters to rebuild the module; written whole or not at all."""
-    partial = path.with_name(path.name + ".partial")
-    # Plain Python numbers only: numpy scalars would not load under weights_only=True.
-    extra = {k: v.item() if isinstance(v, np.generic) else v for k, v in extra.items()}
-    torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, **extra}, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a bad file
-        raise WorldModelError(
-            f"{what}: cannot load checkpoint {path} ({err.__class__.__name__}); re-run the stage that made it"
-        ) from err
 
 
 def checkpoint_of(run_id: str, which: str = "best") -> dict[str, Any]:

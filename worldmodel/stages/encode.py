@@ -17,11 +17,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
+from worldmodel.agent import load_vae
 from worldmodel.config import positive_int
 from worldmodel.data import latents
 from worldmodel.data.rollouts import inspect
 from worldmodel.errors import WorldModelError
-from worldmodel.models.vae import VAE, to_input
+from worldmodel.models.vae import to_input
 
 log = logging.getLogger(__name__)
 LATENTS = "latents.h5"
@@ -29,13 +30,6 @@ LATENTS = "latents.h5"
 
 def validate(cfg: DictConfig) -> None:
     positive_int(cfg, "encode.batch_size")
-
-
-def load_vae(run_id: str, device: torch.device | str = "cpu") -> VAE:
-    ckpt = training.checkpoint_of(run_id, "best")
-    model = VAE(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval()
 
 
 def run(cfg: DictConfig) -> str:
@@ -46,7 +40,7 @@ def run(cfg: DictConfig) -> str:
     dataset = tracking.artifact_path(merge_run.info.run_id, "dataset.h5")
     info = inspect(dataset)
     device = training.pick_device(cfg)
-    vae = load_vae(vae_run.info.run_id, device)
+    vae = load_vae(tracking.artifact_path(vae_run.info.run_id, "checkpoints/best.pt")).to(device)
     if info.image_size != vae.image_size:
         raise WorldModelError(
             f"dataset of merge run {merge_run.info.run_id} has {info.image_size}px frames but "

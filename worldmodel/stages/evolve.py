@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, play, single_frame_inference
+from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, one_of, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.dreaming import dream_rollouts, initial_latents
@@ -119,7 +120,6 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         out_dir, in_place = tracking.local_artifact_dir("")
         es, best = _cma_state(cfg, controller.n_params)
-        mlflow.log_param("evolve.controller_params", controller.n_params) if not cfg.inputs.resume else None
         pool = _LazyPool(
             workers,
             paths,
@@ -171,7 +171,7 @@ def run(cfg: DictConfig) -> str:
                 )
 
             controller.set_flat(torch.from_numpy(best["params"]))
-            training.save_checkpoint(
+            save_checkpoint(
                 out_dir / "controller.pt", controller, fitness=best["fitness"], generation=best["generation"]
             )
             tracking.publish(out_dir / "controller.pt", "", in_place)

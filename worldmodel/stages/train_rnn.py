@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
+from worldmodel.checkpoints import load_module, save_checkpoint
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
@@ -199,9 +200,9 @@ def run(cfg: DictConfig) -> str:
             training.log_epoch(metrics, epoch)
             if metrics["val/nll"] < best:
                 best = metrics["val/nll"]
-                training.save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_nll=best)
+                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_nll=best)
                 tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
-            training.save_checkpoint(
+            save_checkpoint(
                 ckpt_dir / "last.pt", model, epoch=epoch, best_val=best, optimizer=optimizer.state_dict()
             )
             tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
@@ -216,7 +217,5 @@ def run(cfg: DictConfig) -> str:
             )
 
         training.log_epoch({"best_val_nll": best}, int(hp.epochs) - 1)
-        best_model = MDNRNN(**training.load_checkpoint(ckpt_dir / "best.pt", "train_rnn")["hparams"])
-        best_model.load_state_dict(training.load_checkpoint(ckpt_dir / "best.pt", "train_rnn")["state_dict"])
-        training.log_model(best_model)
+        training.log_model(load_module(MDNRNN, ckpt_dir / "best.pt"))
         return run.info.run_id

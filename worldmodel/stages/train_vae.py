@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from worldmodel import tracking, training
+from worldmodel.checkpoints import load_module, save_checkpoint
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data.datasets import ShuffledFrameBatches, split_episodes
 from worldmodel.errors import WorldModelError
@@ -120,9 +121,9 @@ def run(cfg: DictConfig) -> str:
             )
             if val[0] < best:
                 best = val[0]
-                training.save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_loss=best)
+                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_loss=best)
                 tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
-            training.save_checkpoint(
+            save_checkpoint(
                 ckpt_dir / "last.pt",
                 model,
                 epoch=epoch,
@@ -142,9 +143,7 @@ def run(cfg: DictConfig) -> str:
             )
 
         training.log_epoch({"best_val_loss": best}, int(hp.epochs) - 1)
-        best_model = VAE(int(cfg.latent.size), int(cfg.env.image_size))
-        best_model.load_state_dict(training.load_checkpoint(ckpt_dir / "best.pt", "train_vae")["state_dict"])
-        training.log_model(best_model)
+        training.log_model(load_module(VAE, ckpt_dir / "best.pt"))
         return run.info.run_id
 
 
