@@ -135,7 +135,7 @@ def stage_run(
         params = {k: v for k, v in params.items() if k not in previous.data.params}
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
     active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
-    try:
+    with run_status():
         all_tags = {"stage": stage, "env": str(cfg.env.id), "git_commit": git_commit(), **(tags or {})}
         if cfg.mlflow.pipeline:
             all_tags["pipeline"] = str(cfg.mlflow.pipeline)
@@ -149,19 +149,23 @@ def stage_run(
         if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
             mlflow.log_artifacts(str(hydra_dir / ".hydra"), "config/hydra")
         yield mlflow.get_run(active.info.run_id)
+        if hydra_dir is not None and (hydra_dir / f"{stage}.log").is_file():
+            mlflow.log_artifact(str(hydra_dir / f"{stage}.log"), "logs")
+
+
+@contextlib.contextmanager
+def run_status() -> Iterator[None]:
+    """End the active run FINISHED, or KILLED on Ctrl-C and FAILED on any other exception, so that an
+    interrupted run is never picked up as an input."""
+    try:
+        yield
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise
-    else:
-        hydra_dir = _hydra_output_dir()
-        if hydra_dir is not None:
-            log_file = hydra_dir / f"{stage}.log"
-            if log_file.is_file():
-                mlflow.log_artifact(str(log_file), "logs")
-        mlflow.end_run("FINISHED")
+    mlflow.end_run("FINISHED")
 
 
 # ---- artifacts ------------------------------------------------------------------------------------

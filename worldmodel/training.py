@@ -39,15 +39,20 @@ def checkpoint_of(run_id: str, which: str = "best") -> dict[str, Any]:
     return load_checkpoint(tracking.artifact_path(run_id, f"{CHECKPOINTS}/{which}.pt"), f"run {run_id}")
 
 
-def resume_checkpoint(run_id: str | None) -> dict[str, Any] | None:
-    """The last checkpoint of an interrupted run being resumed (None when starting afresh)."""
+def restore(run_id: str | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Continue an interrupted run (`inputs.resume`) from its last checkpoint: weights, optimizer, torch's
+    random state. Returns the first epoch still to train and the best validation score so far."""
     if not run_id:
-        return None
-    names = tracking.list_artifacts(run_id, CHECKPOINTS)
-    if f"{CHECKPOINTS}/last.pt" not in names:
+        return 0, float("inf")
+    if f"{CHECKPOINTS}/last.pt" not in tracking.list_artifacts(run_id, CHECKPOINTS):
         log.info("run %s has no checkpoint yet: starting from epoch 0", run_id)
-        return None
-    return checkpoint_of(run_id, "last")
+        return 0, float("inf")
+    ckpt = checkpoint_of(run_id, "last")
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    log.info("resuming run %s after epoch %d", run_id, ckpt["epoch"])
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
 
 
 def log_model(model: nn.Module, name: str = "model") -> None:

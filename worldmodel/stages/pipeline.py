@@ -12,10 +12,10 @@ import importlib
 import logging
 
 import mlflow
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from worldmodel import tracking
-from worldmodel.config import STAGES, check, flatten
+from worldmodel.config import STAGES, check
 
 log = logging.getLogger(__name__)
 # child metric → parent metric
@@ -51,30 +51,13 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> str:
     stages = stage_range(cfg)
-    tracking.setup(cfg)
-    parent = mlflow.start_run(run_name="pipeline")
-    pipeline_id = parent.info.run_id
-    try:
-        mlflow.set_tags(
-            {
-                "stage": "pipeline",
-                "env": str(cfg.env.id),
-                "pipeline": pipeline_id,
-                "git_commit": tracking.git_commit(),
-                "stages": ",".join(stages),
-            }
-        )
-        mlflow.log_params(
-            {
-                k: str(v)
-                for k, v in flatten(cfg).items()
-                if k.split(".")[0] not in ("paths", "mlflow", "hydra")
-            }
-        )
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    sections = ["env", "policy", "latent", "device", *stages, "pipeline"]
+    with tracking.stage_run(cfg, "pipeline", sections, tags={"stages": ",".join(stages)}) as parent:
+        pipeline_id = parent.info.run_id
+        mlflow.set_tag("pipeline", pipeline_id)
         cfg = cfg.copy()
         with open_dict(cfg):
-            cfg.mlflow.pipeline = pipeline_id
+            cfg.mlflow.pipeline = pipeline_id  # tags the children, and scopes their input search
         for name in stages:
             log.info("pipeline: %s", name)
             child = importlib.import_module(f"worldmodel.stages.{name}").run(cfg)
@@ -85,12 +68,5 @@ def run(cfg: DictConfig) -> str:
                 {dst: metrics[src] for src, dst in HEADLINES.get(name, {}).items() if src in metrics}
             )
             mlflow.set_tag(f"child.{name}", child)
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run("FINISHED")
     log.info("pipeline %s finished: %s", pipeline_id, ", ".join(stages))
     return pipeline_id

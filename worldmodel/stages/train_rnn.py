@@ -22,7 +22,7 @@ from worldmodel.checkpoints import load_module, save_checkpoint
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
-from worldmodel.models.mdnrnn import MDNRNN, mdn_loss
+from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,23 @@ def baseline_nll(z: torch.Tensor, next_z: torch.Tensor, mask: torch.Tensor) -> f
     return float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean())
 
 
+def batch_loss(
+    model: MDNRNN,
+    data: dict[str, np.ndarray],
+    index: np.ndarray,
+    hp: DictConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], MDNLoss]:
+    """The batch for windows `index` and the model's loss on it."""
+    b = batch_tensors(data, index, int(hp.seq_len), generator, device)
+    out, _, _ = model(b["z"], b["actions"])
+    loss = mdn_loss(
+        out, b["next_z"], b["rewards"], b["dones"], float(hp.reward_weight), float(hp.done_weight), b["mask"]
+    )
+    return b, loss
+
+
 @torch.no_grad()
 def evaluate(
     model: MDNRNN, data: dict[str, np.ndarray], cfg: DictConfig, device: torch.device
@@ -94,17 +111,7 @@ def evaluate(
     generator = torch.Generator().manual_seed(int(cfg.seed))
     sums, n, zs, nzs, masks = np.zeros(3), 0, [], [], []
     for i in range(0, len(index), int(hp.batch_size)):
-        b = batch_tensors(data, index[i : i + int(hp.batch_size)], int(hp.seq_len), generator, device)
-        out, _, _ = model(b["z"], b["actions"])
-        loss = mdn_loss(
-            out,
-            b["next_z"],
-            b["rewards"],
-            b["dones"],
-            float(hp.reward_weight),
-            float(hp.done_weight),
-            b["mask"],
-        )
+        b, loss = batch_loss(model, data, index[i : i + int(hp.batch_size)], hp, generator, device)
         weight = float(b["mask"].sum())
         sums += np.array(
             [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
@@ -150,11 +157,7 @@ def run(cfg: DictConfig) -> str:
             device
         )
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
-        start_epoch, best = 0, float("inf")
-        if (ckpt := training.resume_checkpoint(cfg.inputs.resume)) is not None:
-            model.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
+        start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
 
         for epoch in range(start_epoch, int(hp.epochs)):
@@ -170,19 +173,7 @@ def run(cfg: DictConfig) -> str:
                 unit="batch",
                 leave=False,
             ):
-                b = batch_tensors(
-                    train, index[i : i + int(hp.batch_size)], int(hp.seq_len), generator, device
-                )
-                out, _, _ = model(b["z"], b["actions"])
-                loss = mdn_loss(
-                    out,
-                    b["next_z"],
-                    b["rewards"],
-                    b["dones"],
-                    float(hp.reward_weight),
-                    float(hp.done_weight),
-                    b["mask"],
-                )
+                b, loss = batch_loss(model, train, index[i : i + int(hp.batch_size)], hp, generator, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
@@ -203,7 +194,12 @@ def run(cfg: DictConfig) -> str:
                 save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_nll=best)
                 tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
             save_checkpoint(
-                ckpt_dir / "last.pt", model, epoch=epoch, best_val=best, optimizer=optimizer.state_dict()
+                ckpt_dir / "last.pt",
+                model,
+                epoch=epoch,
+                best_val=best,
+                optimizer=optimizer.state_dict(),
+                rng=torch.get_rng_state(),
             )
             tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
             log.info(

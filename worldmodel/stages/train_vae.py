@@ -64,13 +64,7 @@ def run(cfg: DictConfig) -> str:
         torch.manual_seed(cfg.seed)
         model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
-        start_epoch, best = 0, float("inf")
-        if (ckpt := training.resume_checkpoint(cfg.inputs.resume)) is not None:
-            model.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
-            torch.set_rng_state(ckpt["rng"])
-            log.info("train_vae: resuming run %s after epoch %d", run.info.run_id, start_epoch - 1)
+        start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
 
         train = ShuffledFrameBatches(
             dataset, int(hp.batch_size), "train", int(hp.buffer_frames), int(cfg.seed)
