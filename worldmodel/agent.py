@@ -53,7 +53,7 @@ class Agent:
         """A preprocessed uint8 frame (H, W, 3) → action; advances the MDN-RNN's memory."""
         z, _ = self.vae.encode(to_input(torch.from_numpy(frame).unsqueeze(0)))
         action = self.controller.act(self.params, z, self.state[0][0])
-        _, self.state = self.rnn.step(z, action, self.state)
+        self.state = self.rnn.advance(z, action, self.state)
         return action[0].numpy()
 
     @torch.inference_mode()

@@ -75,7 +75,12 @@ class MDNRNN(nn.Module):
 
     def step(self, z: torch.Tensor, a: torch.Tensor, state: State) -> tuple[MDNOutput, State]:
         """One step for the controller and the dream: z (B, Z), a (B, A) → predictions, new state.
-        The new hidden h is `state[0][0]`.
+        The new hidden h is `state[0][0]`."""
+        state = self.advance(z, a, state)
+        return self._heads(state[0][0]), state
+
+    def advance(self, z: torch.Tensor, a: torch.Tensor, state: State) -> State:
+        """The memory update alone (what an agent in the real env needs: h, not the predictions).
 
         The LSTM cell is written out with the nn.LSTM's own weights: for a single step it is ~6× faster
         than calling nn.LSTM (whose per-call overhead dominates), and agrees with it to float rounding."""
@@ -88,7 +93,7 @@ class MDNRNN(nn.Module):
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        return self._heads(h), (h.unsqueeze(0), c.unsqueeze(0))
+        return h.unsqueeze(0), c.unsqueeze(0)
 
 
 def mixture_log_prob(m: Mixture, target: torch.Tensor) -> torch.Tensor:
