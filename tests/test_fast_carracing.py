@@ -22,15 +22,14 @@ def test_gymnasium_version_is_the_verified_one():
     )
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_fast_env_matches_the_stock_env(seed):
+def _compare(seed: int, steps: int) -> None:
     crop = 12
     stock, fast = gym.make("CarRacing-v3"), gym.make(register_fast_env())
     assert isinstance(fast.unwrapped, FastCarRacing)
     a, _ = stock.reset(seed=seed)
     b, _ = fast.reset(seed=seed)
     policy = PseudoRandomPolicy(OmegaConf.create(compose_config().policy), np.random.default_rng(seed))
-    for t in range(220):
+    for t in range(steps):
         action = policy.act(None, t)
         a, ra, ta, tra, _ = stock.step(action)
         b, rb, tb, trb, _ = fast.step(action)
@@ -39,6 +38,17 @@ def test_fast_env_matches_the_stock_env(seed):
         if ta or tra:
             a, _ = stock.reset()
             b, _ = fast.reset()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fast_env_matches_the_stock_env(seed):
+    _compare(seed, steps=220)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10, 18))
+def test_fast_env_matches_the_stock_env_over_whole_episodes(seed):
+    _compare(seed, steps=1000)
 
 
 def test_env_config_picks_the_renderer():

@@ -117,3 +117,15 @@ def test_train_vae_resumes_from_its_last_epoch(smoke, merge_run):
         killed = run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}", "train_vae.epochs=1"))
         MlflowClient().set_terminated(killed, "KILLED")
         run_stage(smoke("stage=train_vae", f"inputs.resume={killed}", "train_vae.lr=0.1"))
+
+
+def test_train_rnn_resumes_from_its_last_epoch(smoke, encode_run):
+    first = run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}", "train_rnn.epochs=1"))
+    MlflowClient().set_terminated(first, "FAILED")
+    straight = run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}"))
+    resumed = run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}", f"inputs.resume={first}"))
+    assert resumed == first
+    history = MlflowClient().get_metric_history(first, "val/nll")
+    assert [m.step for m in history] == [0, 1]
+    expected = MlflowClient().get_metric_history(straight, "val/nll")
+    np.testing.assert_allclose([m.value for m in history], [m.value for m in expected], rtol=1e-5)

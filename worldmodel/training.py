@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from worldmodel import tracking
-from worldmodel.checkpoints import load_checkpoint
+from worldmodel.checkpoints import load_checkpoint, save_checkpoint
 from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,33 @@ def restore(run_id: str | None, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.set_rng_state(ckpt["rng"])
     log.info("resuming run %s after epoch %d", run_id, ckpt["epoch"])
     return int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
+
+
+def checkpoint_epoch(
+    ckpt_dir: Path,
+    in_place: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    score: float,
+    best: float,
+) -> float:
+    """End of an epoch: `best.pt` when the validation `score` beats `best` (lower is better), and always
+    `last.pt` with what resuming needs. Returns the best score so far."""
+    if score < best:
+        best = score
+        save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, best_val=best)
+        tracking.publish(ckpt_dir / "best.pt", CHECKPOINTS, in_place)
+    save_checkpoint(
+        ckpt_dir / "last.pt",
+        model,
+        epoch=epoch,
+        best_val=best,
+        optimizer=optimizer.state_dict(),
+        rng=torch.get_rng_state(),
+    )
+    tracking.publish(ckpt_dir / "last.pt", CHECKPOINTS, in_place)
+    return best
 
 
 def log_model(model: nn.Module, name: str = "model") -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.checkpoints import load_module, save_checkpoint
+from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
@@ -189,19 +189,9 @@ def run(cfg: DictConfig) -> str:
             metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
             metrics["train/steps_per_s"] = n * int(hp.seq_len) / elapsed
             training.log_epoch(metrics, epoch)
-            if metrics["val/nll"] < best:
-                best = metrics["val/nll"]
-                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_nll=best)
-                tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
-            save_checkpoint(
-                ckpt_dir / "last.pt",
-                model,
-                epoch=epoch,
-                best_val=best,
-                optimizer=optimizer.state_dict(),
-                rng=torch.get_rng_state(),
+            best = training.checkpoint_epoch(
+                ckpt_dir, in_place, model, optimizer, epoch, float(metrics["val/nll"]), best
             )
-            tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
             log.info(
                 "train_rnn epoch %d: train nll %.3f, val nll %.3f (baseline %.3f), reward %.4f, done %.4f",
                 epoch,

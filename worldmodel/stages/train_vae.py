@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.checkpoints import load_module, save_checkpoint
+from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data.datasets import ShuffledFrameBatches, split_episodes
 from worldmodel.errors import WorldModelError
@@ -113,19 +113,7 @@ def run(cfg: DictConfig) -> str:
             mlflow.log_image(
                 reconstruction_grid(model, grid, device), f"reconstructions/epoch_{epoch:03d}.png"
             )
-            if val[0] < best:
-                best = val[0]
-                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch, val_loss=best)
-                tracking.publish(ckpt_dir / "best.pt", training.CHECKPOINTS, in_place)
-            save_checkpoint(
-                ckpt_dir / "last.pt",
-                model,
-                epoch=epoch,
-                best_val=best,
-                optimizer=optimizer.state_dict(),
-                rng=torch.get_rng_state(),
-            )
-            tracking.publish(ckpt_dir / "last.pt", training.CHECKPOINTS, in_place)
+            best = training.checkpoint_epoch(ckpt_dir, in_place, model, optimizer, epoch, float(val[0]), best)
             log.info(
                 "train_vae epoch %d: train %.1f, val %.1f (recon %.1f, kl %.1f), %.0f frames/s",
                 epoch,
