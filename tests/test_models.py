@@ -139,3 +139,24 @@ def test_mdn_loss_decreases_on_real_latents(encode_run, smoke):
         opt.step()
         losses.append(loss.loss.item())
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_models_train_and_dream_on_cuda():
+    from worldmodel.dreaming import dream_rollouts
+    from worldmodel.models.controller import Controller
+
+    vae = VAE(32, 64).cuda()
+    x = torch.rand(8, 3, 64, 64, device="cuda")
+    loss = vae_loss(x, *vae(x), 0.5).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    rnn = MDNRNN(32, 3, 64, 5).cuda()
+    out, _, _ = rnn(torch.randn(2, 5, 32, device="cuda"), torch.rand(2, 5, 3, device="cuda"))
+    assert out.mixture.mu.is_cuda
+    controller = Controller(32, 64)
+    returns, _ = dream_rollouts(
+        rnn.cpu(), controller, torch.zeros(4, controller.n_params), torch.zeros(4, 32), [1, 2, 3, 4], 10, 1.0
+    )
+    assert returns.shape == (4,)

@@ -142,9 +142,6 @@ class WorkerPool:
                 log.warning("worker %d failed to start (exit code %s); starting another", wid, proc.exitcode)
                 self._replace(wid)
 
-    def pids(self) -> list[int]:
-        return [proc.pid for proc, _ in self.procs.values()]
-
     def close(self) -> None:
         for proc, tasks in self.procs.values():
             if proc.is_alive():

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 
-def split_episodes(path: Path, split: str) -> np.ndarray:
-    """Episode indices of `split` ("train", "val" or "all")."""
+def episodes_in(path: Path, split: str) -> np.ndarray:
+    """Episode indices of `split` ("train", "val" or "all") in a dataset or latents file."""
     with h5py.File(path, "r") as f:
         if split == "all":
             return np.arange(f["lengths"].shape[0])
@@ -43,7 +43,7 @@ class FrameDataset(_LazyFile, Dataset):
 
     def __init__(self, path: Path | str, split: str = "train") -> None:
         super().__init__(path)
-        episodes = split_episodes(Path(path), split)
+        episodes = episodes_in(Path(path), split)
         with h5py.File(path, "r") as f:
             lengths = f["lengths"][:]
         self.index = np.array([(e, t) for e in episodes for t in range(lengths[e])], dtype=np.int64)
@@ -68,7 +68,7 @@ class SequenceDataset(_LazyFile, Dataset):
     ) -> None:
         super().__init__(path)
         self.seq_len, self.keys = seq_len, tuple(keys)
-        episodes = split_episodes(Path(path), split)
+        episodes = episodes_in(Path(path), split)
         with h5py.File(path, "r") as f:
             lengths = f["lengths"][:]
         self.index = np.array(
@@ -108,7 +108,7 @@ class ShuffledFrameBatches(_LazyFile, IterableDataset):
             drop_last,
         )
         self.epoch = 0
-        episodes = split_episodes(Path(path), split)
+        episodes = episodes_in(Path(path), split)
         with h5py.File(path, "r") as f:
             lengths = f["lengths"][:]
             chunk = f["images"].chunks[1]

@@ -19,7 +19,7 @@ from worldmodel.data.rollouts import RolloutInfo
 PER_STEP = ("images", "actions", "rewards", "dones")  # (E, T, ...) datasets, chunked within an episode
 
 
-def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded train/validation split by episode (at least one validation episode when asked for)."""
     n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
     order = np.random.default_rng(seed).permutation(n)
@@ -91,7 +91,7 @@ def merge_files(
                     f[name][d : d + info.episodes] = src[name][:]
                 source[d : d + info.episodes] = runs.index(run_id)
                 d += info.episodes
-        train, val = split_episodes(total, val_fraction, seed)
+        train, val = make_split(total, val_fraction, seed)
         f.create_dataset("split/train", data=train.astype(np.int64))
         f.create_dataset("split/val", data=val.astype(np.int64))
         f.attrs["source_runs"] = runs

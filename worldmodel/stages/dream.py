@@ -21,6 +21,7 @@ from worldmodel import tracking
 from worldmodel.agent import load_rnn, load_vae
 from worldmodel.config import check, one_of, positive_int
 from worldmodel.data import latents
+from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
 from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample
@@ -70,9 +71,8 @@ def run(cfg: DictConfig) -> str:
 
 
 def _held_out(lat_path) -> list[int]:
-    with h5py.File(lat_path, "r") as f:
-        val = list(f["split/val"][:])
-        return val or list(range(f["lengths"].shape[0]))
+    """Validation episodes (every episode when there are none)."""
+    return list(episodes_in(lat_path, "val")) or list(episodes_in(lat_path, "all"))
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
-from worldmodel.data.datasets import ShuffledFrameBatches, split_episodes
+from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
 from worldmodel.models.vae import SIZES, VAE, to_input, vae_loss
@@ -131,9 +131,9 @@ def run(cfg: DictConfig) -> str:
 
 def _validation_frames(dataset, limit: int) -> np.ndarray:
     """Up to `limit` frames spread over the validation episodes (all episodes if there are none)."""
-    episodes = split_episodes(dataset, "val")
+    episodes = episodes_in(dataset, "val")
     if len(episodes) == 0:
-        episodes = split_episodes(dataset, "all")
+        episodes = episodes_in(dataset, "all")
     with h5py.File(dataset, "r") as f:
         lengths = f["lengths"][:]
         per_episode = max(1, limit // len(episodes))
