@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -95,42 +97,28 @@ def run(cfg: DictConfig) -> str:
             "seed": int(cfg.seed),
             "run_id": run.info.run_id,
         }
-        open_shards: dict[int, tuple] = {}  # shard → (h5 file, partial path, episodes still to come)
+        shards = ShardWriter(
+            out_dir,
+            per_shard,
+            episodes,
+            int(cfg.collect.max_steps),
+            int(cfg.env.image_size),
+            attrs,
+            on_complete=lambda path: tracking.publish(path, SHARDS, in_place),
+        )
         returns, samples = [], []
         start = time.perf_counter()
         try:
             with tqdm(total=len(todo), desc="collect", unit="ep") as bar:
                 for ep in _episodes(cfg, todo, workers):
-                    k = ep.index // per_shard
-                    if k not in open_shards:
-                        size = min(per_shard, episodes - k * per_shard)
-                        partial = out_dir / (shard_name(k) + ".partial")
-                        f = rollouts.create(
-                            partial,
-                            size,
-                            int(cfg.collect.max_steps),
-                            int(cfg.env.image_size),
-                            ep.actions.shape[1],
-                            attrs,
-                        )
-                        open_shards[k] = (f, partial, size)
-                    f, partial, remaining = open_shards[k]
-                    rollouts.write_episode(f, ep.index - k * per_shard, ep)
-                    if remaining == 1:
-                        rollouts.finish(f, partial, out_dir / shard_name(k))
-                        tracking.publish(out_dir / shard_name(k), SHARDS, in_place)
-                        del open_shards[k]
-                    else:
-                        open_shards[k] = (f, partial, remaining - 1)
+                    shards.add(ep)
                     returns.append(ep.episode_return)
                     samples.extend(_sample_frames(ep, cfg.collect.mosaic_frames, episodes))
                     bar.update(1)
                     bar.set_postfix(ret=f"{np.mean(returns):.1f}")
                     mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
         except BaseException:
-            for f, partial, _ in open_shards.values():  # an interrupted shard is not kept
-                f.close()
-                partial.unlink(missing_ok=True)
+            shards.abort()  # an interrupted shard is not kept
             raise
         elapsed = time.perf_counter() - start
         frames = len(todo) * int(cfg.collect.max_steps)
@@ -153,6 +141,49 @@ def run(cfg: DictConfig) -> str:
             run.info.run_id,
         )
         return run.info.run_id
+
+
+class ShardWriter:
+    """Writes episodes into their shards as they arrive, in any order: shard k holds episodes
+    [k·S, (k+1)·S) and is renamed from `.partial` to its final name once its last episode is in."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        per_shard: int,
+        episodes: int,
+        steps: int,
+        image_size: int,
+        attrs: dict,
+        on_complete: Callable[[Path], None],
+    ) -> None:
+        self.out_dir, self.per_shard, self.episodes = out_dir, per_shard, episodes
+        self.steps, self.image_size, self.attrs, self.on_complete = steps, image_size, attrs, on_complete
+        self.open: dict[
+            int, tuple[h5py.File, Path, int]
+        ] = {}  # shard → (file, partial path, episodes to come)
+
+    def add(self, ep: rollouts.Episode) -> None:
+        k = ep.index // self.per_shard
+        if k not in self.open:
+            size = min(self.per_shard, self.episodes - k * self.per_shard)
+            partial = self.out_dir / (shard_name(k) + ".partial")
+            f = rollouts.create(partial, size, self.steps, self.image_size, ep.actions.shape[1], self.attrs)
+            self.open[k] = (f, partial, size)
+        f, partial, remaining = self.open[k]
+        rollouts.write_episode(f, ep.index - k * self.per_shard, ep)
+        if remaining > 1:
+            self.open[k] = (f, partial, remaining - 1)
+            return
+        del self.open[k]
+        rollouts.finish(f, partial, self.out_dir / shard_name(k))
+        self.on_complete(self.out_dir / shard_name(k))
+
+    def abort(self) -> None:
+        for f, partial, _ in self.open.values():
+            f.close()
+            partial.unlink(missing_ok=True)
+        self.open.clear()
 
 
 def _resolve_controller(cfg: DictConfig) -> dict[str, str]:
