@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from mlflow.entities import Run
 from omegaconf import DictConfig
 from torch import nn
 
@@ -35,9 +37,40 @@ def pick_device(cfg: DictConfig) -> torch.device:
     return torch.device(kind)
 
 
+def checkpoint_path(run_id: str, which: str = "best") -> Path:
+    """A local path to the `best` or `last` checkpoint of a training run."""
+    return tracking.artifact_path(run_id, f"{CHECKPOINTS}/{which}.pt")
+
+
 def checkpoint_of(run_id: str, which: str = "best") -> dict[str, Any]:
     """The `best` or `last` checkpoint of a training run."""
-    return load_checkpoint(tracking.artifact_path(run_id, f"{CHECKPOINTS}/{which}.pt"), f"run {run_id}")
+    return load_checkpoint(checkpoint_path(run_id, which), f"run {run_id}")
+
+
+@dataclass
+class World:
+    """The learned world a controller lives in: an MDN-RNN run, the VAE run and encode run behind it."""
+
+    rnn_run: Run
+    vae_run: Run
+    encode_id: str
+
+    @property
+    def upstream(self) -> dict[str, str]:
+        return {
+            "train_rnn": self.rnn_run.info.run_id,
+            "train_vae": self.vae_run.info.run_id,
+            "encode": self.encode_id,
+        }
+
+
+def resolve_world(cfg: DictConfig) -> World:
+    """The MDN-RNN run (`inputs.train_rnn` or the latest compatible) and the VAE it was trained on."""
+    compat = {"latent_size": str(cfg.latent.size)}
+    rnn_run = tracking.resolve_run(cfg, "train_rnn", cfg.inputs.train_rnn, compat)
+    vae_id = cfg.inputs.train_vae or rnn_run.data.tags.get("upstream.train_vae")
+    vae_run = tracking.resolve_run(cfg, "train_vae", vae_id, compat | {"image_size": str(cfg.env.image_size)})
+    return World(rnn_run, vae_run, rnn_run.data.tags["upstream.encode"])
 
 
 def restore(run_id: str | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import tracking
+from worldmodel import tracking, training
 from worldmodel.agent import load_rnn, load_vae
 from worldmodel.config import check, one_of, positive_int
 from worldmodel.data import latents
@@ -46,13 +46,11 @@ def decode(vae: VAE, z: torch.Tensor) -> np.ndarray:
 
 def run(cfg: DictConfig) -> str:
     compat = {"latent_size": str(cfg.latent.size)}
-    rnn_run = tracking.resolve_run(cfg, "train_rnn", cfg.inputs.train_rnn, compat)
-    vae_id = cfg.inputs.train_vae or rnn_run.data.tags.get("upstream.train_vae")
-    vae_run = tracking.resolve_run(cfg, "train_vae", vae_id, compat)
-    encode_run = tracking.resolve_run(cfg, "encode", rnn_run.data.tags["upstream.encode"], {})
-    vae = load_vae(tracking.artifact_path(vae_run.info.run_id, "checkpoints/best.pt"))
-    rnn = load_rnn(tracking.artifact_path(rnn_run.info.run_id, "checkpoints/best.pt"))
-    upstream = {"train_rnn": rnn_run.info.run_id, "train_vae": vae_run.info.run_id}
+    world = training.resolve_world(cfg)
+    encode_run = tracking.resolve_run(cfg, "encode", world.encode_id, {})
+    vae = load_vae(training.checkpoint_path(world.vae_run.info.run_id))
+    rnn = load_rnn(training.checkpoint_path(world.rnn_run.info.run_id))
+    upstream = world.upstream
     controller = None
     if cfg.dream.mode == "free" and cfg.dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> str:
     dataset = tracking.artifact_path(merge_run.info.run_id, "dataset.h5")
     info = inspect(dataset)
     device = training.pick_device(cfg)
-    vae = load_vae(tracking.artifact_path(vae_run.info.run_id, "checkpoints/best.pt")).to(device)
+    vae = load_vae(training.checkpoint_path(vae_run.info.run_id)).to(device)
     if info.image_size != vae.image_size:
         raise WorldModelError(
             f"dataset of merge run {merge_run.info.run_id} has {info.image_size}px frames but "

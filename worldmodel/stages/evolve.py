@@ -92,28 +92,27 @@ def real_rollout(state: tuple, payload: tuple) -> tuple[float, list[np.ndarray]]
 
 def run(cfg: DictConfig) -> str:
     hp = cfg.evolve
-    compat = {"latent_size": str(cfg.latent.size)}
-    rnn_run = tracking.resolve_run(cfg, "train_rnn", cfg.inputs.train_rnn, compat)
-    vae_id = cfg.inputs.train_vae or rnn_run.data.tags.get("upstream.train_vae")
-    vae_run = tracking.resolve_run(cfg, "train_vae", vae_id, compat | {"image_size": str(cfg.env.image_size)})
-    encode_id = rnn_run.data.tags["upstream.encode"]
+    world = training.resolve_world(cfg)
     paths = {
-        "vae": str(tracking.artifact_path(vae_run.info.run_id, "checkpoints/best.pt")),
-        "rnn": str(tracking.artifact_path(rnn_run.info.run_id, "checkpoints/best.pt")),
+        "vae": str(training.checkpoint_path(world.vae_run.info.run_id)),
+        "rnn": str(training.checkpoint_path(world.rnn_run.info.run_id)),
     }
     rnn = load_rnn(paths["rnn"])
     controller = Controller(rnn.latent, rnn.hidden, rnn.action_dim, str(hp.inputs), int(hp.hidden))
-    first = latents.load(tracking.artifact_path(encode_id, "latents.h5"), "train")
+    first = latents.load(tracking.artifact_path(world.encode_id, "latents.h5"), "train")
     mu0, logvar0 = first["mu"][:, 0], first["logvar"][:, 0]
     workers = int(hp.workers or os.cpu_count() or 1)
-    upstream = {"train_rnn": rnn_run.info.run_id, "train_vae": vae_run.info.run_id, "encode": encode_id}
-    tags = compat | {"mode": str(hp.mode), "controller_params": str(controller.n_params)}
+    tags = {
+        "latent_size": str(cfg.latent.size),
+        "mode": str(hp.mode),
+        "controller_params": str(controller.n_params),
+    }
 
     with tracking.stage_run(
         cfg,
         "evolve",
         ["evolve", "latent"],
-        upstream,
+        world.upstream,
         tags,
         resume=cfg.inputs.resume,
         may_change=["evolve.generations", "evolve.workers", "evolve.eval_episodes"],
