@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import worldmodel  # noqa: E402,F401
 from worldmodel import tracking  # noqa: E402
-from worldmodel.agent import Agent, single_frame_inference  # noqa: E402
+from worldmodel.agent import Agent, worker_inference  # noqa: E402
 from worldmodel.config import CONFIG_DIR  # noqa: E402
 from worldmodel.data import rollouts  # noqa: E402
 from worldmodel.data.datasets import ShuffledFrameBatches  # noqa: E402
@@ -220,7 +220,7 @@ def run_all(store: Path) -> None:
     record("encode frames/s (vs encoder on in-memory batch)", max(enc), encoder, ">=0.9")
 
     # 7. A real-mode evolve worker (env + VAE + MDN-RNN + controller, one thread) against the raw env.
-    single_frame_inference()  # as the evolve workers do
+    worker_inference()  # as the evolve workers do
     rnn = MDNRNN(32, 3, 256, 5).eval()
     controller = Controller(32, 256)
     agent = Agent(VAE(32, 64).eval(), rnn, controller)

@@ -118,8 +118,8 @@ def test_evolve_dream_run(smoke, evolve_run, rnn_run):
     m = run.data.metrics
     assert m["eval/episodes"] == 2 and np.isfinite(m["eval/score_mean"]) and m["eval/score_std"] >= 0
     names = {a.path for a in client.list_artifacts(evolve_run)}
-    assert {"controller.pt", "evaluation.gif", "cma"} <= names
-    gif = Image.open(tracking.artifact_path(evolve_run, "evaluation.gif"))
+    assert {"controller.pt", "scores.csv", "score_histogram.png", "cma"} <= names
+    gif = Image.open(tracking.artifact_path(evolve_run, "gifs/best_track.gif"))
     assert gif.n_frames == 20 and gif.size == (2 * 64 * 3, 64 * 3), "real frame beside its reconstruction"
     ckpt = torch.load(tracking.artifact_path(evolve_run, "controller.pt"), weights_only=True)
     assert ckpt["hparams"]["inputs"] == "zh"
@@ -217,7 +217,7 @@ def test_collect_with_an_evolved_controller(smoke, evolve_run):
     assert not np.allclose(actions[:, :20], [-0.1, 1.0, 0.0]), "not the pseudo-random warm-up"
 
 
-def test_pipeline_parent_with_seven_children(smoke, tmp_path):
+def test_pipeline_parent_with_a_child_per_stage(smoke, tmp_path):
     parent = run_stage(smoke("stage=pipeline", "mlflow.experiment=pipeline-test"))
     tracking.setup(smoke("mlflow.experiment=pipeline-test"))
     run = mlflow.get_run(parent)
@@ -229,11 +229,13 @@ def test_pipeline_parent_with_seven_children(smoke, tmp_path):
     )
     stages = {c.data.tags["stage"]: c for c in children}
     assert sorted(stages) == sorted(
-        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream"]
+        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream"]
     )
     assert all(c.info.status == "FINISHED" and c.data.tags["pipeline"] == parent for c in children)
     assert stages["merge"].data.tags["upstream.collect"] == stages["collect"].info.run_id
     assert stages["dream"].data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id
+    assert stages["evaluate"].data.tags["upstream.evolve"] == stages["evolve"].info.run_id
+    assert run.data.metrics["eval/episodes"] == 3, "the pipeline's score comes from stage=evaluate"
     for key in ("vae/val_loss", "rnn/val_nll", "rnn/baseline_nll", "evolve/best_fitness", "eval/score_mean"):
         assert np.isfinite(run.data.metrics[key]), key
     assert run.data.params["latent.size"] == "32"

@@ -1,8 +1,16 @@
 """The World Models agent in the real env: frame → VAE → z, controller on [z, h] → action, MDN-RNN
-updates h. Used by real-mode evolve workers, the final evaluation and the `controller` policy."""
+updates h. Used by real-mode evolve workers, `stage=evaluate` and the `controller` policy.
+
+An agent drives `slots` envs in lockstep with one batched V → C → M forward per step. The forward
+always runs on all `slots` rows (finished or unused rows are padding), because torch's CPU kernels
+round differently for different batch sizes: a fixed batch makes a rollout's result depend only on its
+own parameters and seed, never on which other rollouts shared the batch or how many workers ran.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -16,10 +24,10 @@ from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE, to_input
 
 
-def single_frame_inference() -> None:
-    """Torch settings for a process that runs the agent one frame at a time on one core: one thread
-    (more only fight the other workers) and no oneDNN, whose per-call set-up costs more than it saves on
-    a single 64×64 frame (measured: 2.4 → 1.15 ms per agent step)."""
+def worker_inference() -> None:
+    """Torch settings for a process that runs the agent on one core: one thread (more only fight the
+    other workers) and no oneDNN, whose per-call set-up costs more than it saves on a handful of 64×64
+    frames (measured: 2.4 → 1.15 ms per single-frame agent step)."""
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
 
@@ -37,52 +45,90 @@ def load_controller(path: Path | str) -> Controller:
 
 
 class Agent:
-    def __init__(self, vae: VAE, rnn: MDNRNN, controller: Controller) -> None:
-        self.vae, self.rnn, self.controller = vae, rnn, controller
-        self.params = controller.get_flat().unsqueeze(0)
-        self.reset()
+    """V, M and C acting for `slots` envs at once; row i of every batch belongs to env i."""
+
+    def __init__(self, vae: VAE, rnn: MDNRNN, controller: Controller, slots: int = 1) -> None:
+        self.vae, self.rnn, self.controller, self.slots = vae, rnn, controller, slots
+        self.set_params(controller.get_flat().expand(slots, -1))
 
     def set_params(self, params: np.ndarray | torch.Tensor) -> None:
-        self.params = torch.as_tensor(params, dtype=torch.float32).reshape(1, -1)
+        """One parameter vector per row (n ≤ slots rows; the rest are zero padding), or one for all."""
+        params = torch.as_tensor(np.asarray(params), dtype=torch.float32).reshape(-1, self.controller.n_params)
+        if len(params) == 1:
+            params = params.expand(self.slots, -1)
+        self.params = torch.zeros(self.slots, self.controller.n_params)
+        self.params[: len(params)] = params
+        self.reset()
 
     def reset(self) -> None:
-        self.state = self.rnn.initial_state(1)
+        self.state = self.rnn.initial_state(self.slots)
 
     @torch.inference_mode()
-    def act(self, frame: np.ndarray) -> np.ndarray:
-        """A preprocessed uint8 frame (H, W, 3) → action; advances the MDN-RNN's memory."""
-        z, _ = self.vae.encode(to_input(torch.from_numpy(frame).unsqueeze(0)))
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        """Preprocessed uint8 frames (slots, H, W, 3) → actions (slots, A); advances M's memory."""
+        z, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
         action = self.controller.act(self.params, z, self.state[0][0])
         self.state = self.rnn.advance(z, action, self.state)
-        return action[0].numpy()
+        return action.numpy()
 
     @torch.inference_mode()
-    def reconstruct(self, frame: np.ndarray) -> np.ndarray:
-        mu, _ = self.vae.encode(to_input(torch.from_numpy(frame).unsqueeze(0)))
-        return (self.vae.decode(mu)[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
+        mu, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
+        return (self.vae.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
+
+
+@dataclass
+class Rollout:
+    """One real episode's outcome. `stalled`: cut short after `stall_steps` steps without progress."""
+
+    score: float
+    steps: int
+    stalled: bool = False
+    frames: list[np.ndarray] = field(default_factory=list)  # real | reconstruction, when recorded
 
 
 def play(
-    env: gym.Env,
+    envs: Sequence[gym.Env],
     agent: Agent,
-    seed: int,
+    seeds: Sequence[int],
     max_steps: int,
     crop_bottom: int,
     image_size: int,
-    record: bool = False,
-) -> tuple[float, list[np.ndarray]]:
-    """One real episode (stops at done); returns the total reward and, if `record`, frames with the
-    VAE's reconstruction beside each."""
-    obs, _ = env.reset(seed=seed)
+    stall_steps: int = 0,
+    record: int = 0,
+) -> list[Rollout]:
+    """Play len(seeds) ≤ agent.slots episodes in lockstep, episode i on envs[i] from `reset(seed=seeds[i])`
+    with the agent's row i; each stops at done or after `max_steps`. With `stall_steps` > 0 an episode
+    also stops after that many steps without a positive reward (in CarRacing, no new tile): a training
+    shortcut, never used to score. The first `record` frames of each episode are kept, with the VAE's
+    reconstruction beside each."""
+    n = len(seeds)
+    if n > agent.slots or n > len(envs):
+        raise ValueError(f"{n} episodes for {agent.slots} agent slots and {len(envs)} envs")
+    frames = np.zeros((agent.slots, image_size, image_size, 3), np.uint8)
+    for i, seed in enumerate(seeds):
+        obs, _ = envs[i].reset(seed=int(seed))
+        frames[i] = preprocess(obs, crop_bottom, image_size)
     agent.reset()
-    total, frames = 0.0, []
-    for _ in range(max_steps):
-        frame = preprocess(obs, crop_bottom, image_size)
-        action = agent.act(frame)
-        if record:
-            frames.append(np.concatenate([frame, agent.reconstruct(frame)], axis=1))
-        obs, reward, terminated, truncated, _ = env.step(action)
-        total += float(reward)
-        if terminated or truncated:
+    out = [Rollout(0.0, 0) for _ in seeds]
+    idle = [0] * n  # steps since the last positive reward
+    active = list(range(n))
+    for t in range(max_steps):
+        actions = agent.act(frames)
+        if t < record:
+            recon = agent.reconstruct(frames[:n])
+            for i in active:
+                out[i].frames.append(np.concatenate([frames[i], recon[i]], axis=1))
+        for i in list(active):
+            obs, reward, terminated, truncated, _ = envs[i].step(actions[i])
+            out[i].score += float(reward)
+            out[i].steps += 1
+            idle[i] = 0 if reward > 0 else idle[i] + 1
+            out[i].stalled = bool(stall_steps) and idle[i] >= stall_steps and not (terminated or truncated)
+            if terminated or truncated or out[i].stalled:
+                active.remove(i)
+            else:
+                frames[i] = preprocess(obs, crop_bottom, image_size)
+        if not active:
             break
-    return total, frames
+    return out

@@ -12,7 +12,7 @@ from worldmodel.errors import WorldModelError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
-STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream")
+STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream")
 
 
 def register_resolvers() -> None:

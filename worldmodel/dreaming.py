@@ -19,31 +19,46 @@ from worldmodel.models.mdnrnn import MDNRNN, sample_with_noise
 NOISE_CHUNK = 50  # steps of noise drawn at a time per rollout
 
 
-def initial_latents(mu: np.ndarray, logvar: np.ndarray, seeds: Sequence[int]) -> torch.Tensor:
+def initial_latents(
+    mu: np.ndarray | None, logvar: np.ndarray | None, seeds: Sequence[int], latent: int = 0
+) -> torch.Tensor:
     """One starting z per seed: a real initial frame's latent (picked by the seed), sampled from its
-    posterior. mu, logvar: (E, Z) latents of first frames."""
-    out = np.empty((len(seeds), mu.shape[1]), np.float32)
+    posterior; mu, logvar: (E, Z) latents of first frames. With mu = None, z ~ N(0, I) of size `latent`
+    (the VAE's prior, as Dropout's Dream Land starts its dreams)."""
+    size = latent if mu is None else mu.shape[1]
+    out = np.empty((len(seeds), size), np.float32)
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng([int(seed), 0])
+        if mu is None:
+            out[i] = rng.standard_normal(size)
+            continue
         e = rng.integers(len(mu))
-        out[i] = mu[e] + np.exp(0.5 * logvar[e]) * rng.standard_normal(mu.shape[1])
+        out[i] = mu[e] + np.exp(0.5 * logvar[e]) * rng.standard_normal(size)
     return torch.from_numpy(out)
 
 
 class _Noise:
-    """Per-rollout uniform and normal noise, (N, Z) per step, drawn NOISE_CHUNK steps at a time."""
+    """Per-rollout noise drawn NOISE_CHUNK steps at a time: uniform and normal (N, Z) per step for z,
+    uniform (N,) per step for a sampled done."""
 
     def __init__(self, seeds: Sequence[int], latent: int) -> None:
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.latent, self.t0, self.u, self.eps = latent, 0, None, None
+        self.latent, self.t0, self.u, self.eps, self.u_done = latent, 0, None, None, None
 
-    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dropout_mask(self, hidden: int, rate: float) -> torch.Tensor:
+        """One mask (N, H) per rollout, scaled by 1/(1 − rate), from the rollout's own generator."""
+        keep = torch.stack([torch.rand(hidden, generator=g) for g in self.gens]) >= rate
+        return keep.float() / (1 - rate)
+
+    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.u is None or t >= self.t0 + NOISE_CHUNK:
             self.t0 = t
             shape = (NOISE_CHUNK, self.latent)
             self.u = torch.stack([torch.rand(shape, generator=g) for g in self.gens], dim=1)
             self.eps = torch.stack([torch.randn(shape, generator=g) for g in self.gens], dim=1)
-        return self.u[t - self.t0], self.eps[t - self.t0]
+            self.u_done = torch.stack([torch.rand(NOISE_CHUNK, generator=g) for g in self.gens], dim=1)
+        i = t - self.t0
+        return self.u[i], self.eps[i], self.u_done[i]
 
 
 @torch.inference_mode()
@@ -56,13 +71,20 @@ def dream_rollouts(
     max_steps: int,
     temperature: float,
     record: bool = False,
+    dropout: float = 0.0,
+    sample_done: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run N dreams at once: params (N, n_params) (one controller per row), z0 (N, Z), one seed per row.
-    Returns the total predicted reward per row (counted until the predicted done), and with `record`
-    the latents visited (T, N, Z)."""
+    Returns the total predicted reward per row (counted until the dream ends), and with `record` the
+    latents visited (T, N, Z).
+
+    `dropout` > 0 gives each rollout its own dropout mask on M, held for the whole dream, so a
+    controller cannot fit one model's quirks (Dropout's Dream Land). A dream ends when M predicts done:
+    P(done) > 0.5, or with `sample_done` a draw from Bernoulli(P(done)) at every step."""
     n = z0.shape[0]
     z, state = z0, rnn.initial_state(n)
     noise = _Noise(seeds, rnn.latent)
+    mask = noise.dropout_mask(rnn.hidden, dropout) if dropout > 0 else None
     total = torch.zeros(n)
     alive = torch.ones(n, dtype=torch.bool)
     visited = [] if record else None
@@ -70,10 +92,12 @@ def dream_rollouts(
         if record:
             visited.append(z)
         action = controller.act(params, z, state[0][0])
-        out, state = rnn.step(z, action, state)
+        out, state = rnn.step(z, action, state, mask)
         total += torch.where(alive, out.reward, torch.zeros(()))
-        alive &= out.done_logit <= 0  # predicted P(done) > 0.5 ends the dream
+        u, eps, u_done = noise.at(t)
+        p_done = torch.sigmoid(out.done_logit)
+        alive &= ~(u_done < p_done) if sample_done else p_done <= 0.5
         if not alive.any():
             break
-        z = sample_with_noise(out.mixture, temperature, *noise.at(t))
+        z = sample_with_noise(out.mixture, temperature, u, eps)
     return total, (torch.stack(visited) if record else None)

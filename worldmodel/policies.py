@@ -80,7 +80,7 @@ class ControllerPolicy:
     _agents: dict = {}  # one loaded agent per process and checkpoint set
 
     def __init__(self, cfg: DictConfig) -> None:
-        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, single_frame_inference
+        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, worker_inference
 
         if "paths" not in cfg:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
@@ -89,7 +89,7 @@ class ControllerPolicy:
             import multiprocessing
 
             if multiprocessing.parent_process() is not None:  # a collect worker: one core each
-                single_frame_inference()
+                worker_inference()
             self._agents[key] = Agent(
                 load_vae(cfg.paths.vae), load_rnn(cfg.paths.rnn), load_controller(cfg.paths.controller)
             )
@@ -98,7 +98,7 @@ class ControllerPolicy:
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
             self.agent.reset()
-        return self.agent.act(frame)
+        return self.agent.act(frame[None])[0]
 
 
 def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Policy:

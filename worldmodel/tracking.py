@@ -190,6 +190,23 @@ def local_artifact_dir(subpath: str) -> tuple[Path, bool]:
     return path, in_place
 
 
+@contextlib.contextmanager
+def artifact(name: str) -> Iterator[Path]:
+    """A path to write the active run's artifact `name` (e.g. "scores.csv", "gifs/best.gif") to. The file
+    is written under a `.partial` name (its extension kept, for writers that go by it) and becomes the
+    artifact only when the block completes; on an error nothing is left under the final name."""
+    subdir, _, filename = name.rpartition("/")
+    directory, in_place = local_artifact_dir(subdir)
+    final = directory / filename
+    partial = final.with_name(f"{final.stem}.partial{final.suffix}")
+    try:
+        yield partial
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    publish(final, subdir, in_place)
+
+
 def publish(file: Path, subpath: str, in_place: bool) -> None:
     """Make a finished file visible as an artifact (a no-op where it was written in place)."""
     if not in_place:

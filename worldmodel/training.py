@@ -73,6 +73,16 @@ def resolve_world(cfg: DictConfig) -> World:
     return World(rnn_run, vae_run, rnn_run.data.tags["upstream.encode"])
 
 
+def agent_files(evolve_run: Run) -> dict[str, str]:
+    """Local paths of an evolve run's controller and the VAE and MDN-RNN checkpoints it acts through."""
+    tags = evolve_run.data.tags
+    return {
+        "controller": str(tracking.artifact_path(evolve_run.info.run_id, "controller.pt")),
+        "vae": str(checkpoint_path(tags["upstream.train_vae"])),
+        "rnn": str(checkpoint_path(tags["upstream.train_rnn"])),
+    }
+
+
 def restore(run_id: str | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
     """Continue an interrupted run (`inputs.resume`) from its last checkpoint: weights, optimizer, torch's
     random state. Returns the first epoch still to train and the best validation score so far."""

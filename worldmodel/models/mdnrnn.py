@@ -35,9 +35,12 @@ class MDNOutput:
 
 
 class MDNRNN(nn.Module):
-    def __init__(self, latent: int, action_dim: int = 3, hidden: int = 256, mixtures: int = 5) -> None:
+    def __init__(
+        self, latent: int, action_dim: int = 3, hidden: int = 256, mixtures: int = 5, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.latent, self.action_dim, self.hidden, self.mixtures = latent, action_dim, hidden, mixtures
+        self.dropout = dropout  # on h before the heads, in training (Dropout's Dream Land)
         self.lstm = nn.LSTM(latent + action_dim, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 3 * latent * mixtures + 2)
 
@@ -48,6 +51,7 @@ class MDNRNN(nn.Module):
             "action_dim": self.action_dim,
             "hidden": self.hidden,
             "mixtures": self.mixtures,
+            "dropout": self.dropout,
         }
 
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> State:
@@ -71,13 +75,17 @@ class MDNRNN(nn.Module):
     ) -> tuple[MDNOutput, torch.Tensor, State]:
         """Sequences z (B, T, Z), a (B, T, A) → predictions for every step, hidden states h (B, T, H)."""
         h, state = self.lstm(torch.cat([z, a], dim=-1), state)
-        return self._heads(h), h, state
+        return self._heads(F.dropout(h, self.dropout, self.training)), h, state
 
-    def step(self, z: torch.Tensor, a: torch.Tensor, state: State) -> tuple[MDNOutput, State]:
+    def step(
+        self, z: torch.Tensor, a: torch.Tensor, state: State, mask: torch.Tensor | None = None
+    ) -> tuple[MDNOutput, State]:
         """One step for the controller and the dream: z (B, Z), a (B, A) → predictions, new state.
-        The new hidden h is `state[0][0]`."""
+        The new hidden h is `state[0][0]`. `mask` (B, H), already scaled by 1/(1 − p), is a dropout mask
+        on h before the heads: a dream holds one per rollout, a fresh world model each time."""
         state = self.advance(z, a, state)
-        return self._heads(state[0][0]), state
+        h = state[0][0]
+        return self._heads(h if mask is None else h * mask), state
 
     def advance(self, z: torch.Tensor, a: torch.Tensor, state: State) -> State:
         """The memory update alone (what an agent in the real env needs: h, not the predictions).
@@ -119,16 +127,19 @@ def mdn_loss(
     reward_weight: float = 1.0,
     done_weight: float = 1.0,
     mask: torch.Tensor | None = None,
+    done_pos_weight: float = 1.0,
 ) -> MDNLoss:
     """Loss over (B, T) steps. `mask` (B, T) excludes steps whose next z is not predictable (the step
-    after a done is a fresh track) from the NLL."""
+    after a done is a fresh track) from the NLL. `done_pos_weight` weighs the rare done steps in the done
+    head's loss (the paper weighted them 10× for Doom)."""
     nll = -mixture_log_prob(out.mixture, next_z).mean(-1)
     if mask is not None:
         nll = (nll * mask).sum() / mask.sum().clamp(min=1)
     else:
         nll = nll.mean()
     r = F.mse_loss(out.reward, reward)
-    d = F.binary_cross_entropy_with_logits(out.done_logit, done.float())
+    pos_weight = torch.tensor(float(done_pos_weight), device=done.device)
+    d = F.binary_cross_entropy_with_logits(out.done_logit, done.float(), pos_weight=pos_weight)
     return MDNLoss(nll + reward_weight * r + done_weight * d, nll, r, d)
 
 

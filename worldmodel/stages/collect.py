@@ -191,14 +191,8 @@ def _resolve_controller(cfg: DictConfig) -> dict[str, str]:
     from worldmodel import training  # torch: only when collecting with a trained agent
 
     evolve = tracking.resolve_run(cfg, "evolve", cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
-    tags = evolve.data.tags
-    paths = {
-        "controller": tracking.artifact_path(evolve.info.run_id, "controller.pt"),
-        "vae": training.checkpoint_path(tags["upstream.train_vae"]),
-        "rnn": training.checkpoint_path(tags["upstream.train_rnn"]),
-    }
     with open_dict(cfg):
-        cfg.policy.paths = {k: str(v) for k, v in paths.items()}
+        cfg.policy.paths = training.agent_files(evolve)
     return {"evolve": evolve.info.run_id}
 
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import tracking, training
-from worldmodel.agent import load_rnn, load_vae
+from worldmodel.agent import load_controller, load_rnn, load_vae
 from worldmodel.config import check, one_of, positive_int
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
@@ -28,7 +28,7 @@ from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample
 from worldmodel.models.vae import VAE
 from worldmodel.policies import make_policy
-from worldmodel.stages.evolve import load_evolved_controller, seed_of
+from worldmodel.seeds import DREAM, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> str:
     controller = None
     if cfg.dream.mode == "free" and cfg.dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)
-        controller = load_evolved_controller(evolve_run.info.run_id)
+        controller = load_controller(training.agent_files(evolve_run)["controller"])
         upstream["evolve"] = evolve_run.info.run_id
     lat_path = tracking.artifact_path(encode_run.info.run_id, "latents.h5")
     dataset = tracking.artifact_path(encode_run.data.tags["upstream.merge"], "dataset.h5")
@@ -113,7 +113,7 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset, out_dir, in_place
 def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_place: bool) -> None:
     first = latents.load(lat_path, "all")
     n, steps, temperature = int(cfg.dream.episodes), int(cfg.dream.steps), float(cfg.dream.temperature)
-    seeds = [seed_of(int(cfg.seed), 4, i) for i in range(n)]
+    seeds = [seed_of(int(cfg.seed), DREAM, i) for i in range(n)]
     z0 = initial_latents(first["mu"][:, 0], first["logvar"][:, 0], seeds)
     if controller is not None:
         params = controller.get_flat().expand(n, -1)

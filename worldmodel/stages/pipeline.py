@@ -24,10 +24,12 @@ HEADLINES = {
     "merge": {"compression_ratio": "merge/compression_ratio"},
     "train_vae": {"best_val_loss": "vae/val_loss", "val/recon": "vae/val_recon"},
     "train_rnn": {"best_val_nll": "rnn/val_nll", "val/baseline_nll": "rnn/baseline_nll"},
-    "evolve": {
-        "best_fitness": "evolve/best_fitness",
+    "evolve": {"best_fitness": "evolve/best_fitness"},
+    "evaluate": {
         "eval/score_mean": "eval/score_mean",
         "eval/score_std": "eval/score_std",
+        "eval/score_median": "eval/score_median",
+        "eval/episodes": "eval/episodes",
     },
     "dream": {"replay/latent_mse_mean": "dream/latent_mse"},
 }

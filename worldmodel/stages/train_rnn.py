@@ -39,6 +39,8 @@ def validate(cfg: DictConfig) -> None:
     positive_number(cfg, "train_rnn.lr", "train_rnn.grad_clip")
     for key in ("train_rnn.reward_weight", "train_rnn.done_weight"):
         check(cfg, key, lambda v: v >= 0, "a number ≥ 0")
+    positive_number(cfg, "train_rnn.done_pos_weight")
+    check(cfg, "train_rnn.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def windows(data: dict[str, np.ndarray], seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -96,7 +98,14 @@ def batch_loss(
     b = batch_tensors(data, index, int(hp.seq_len), generator, device)
     out, _, _ = model(b["z"], b["actions"])
     loss = mdn_loss(
-        out, b["next_z"], b["rewards"], b["dones"], float(hp.reward_weight), float(hp.done_weight), b["mask"]
+        out,
+        b["next_z"],
+        b["rewards"],
+        b["dones"],
+        float(hp.reward_weight),
+        float(hp.done_weight),
+        b["mask"],
+        float(hp.done_pos_weight),
     )
     return b, loss
 
@@ -153,9 +162,13 @@ def run(cfg: DictConfig) -> str:
         may_change=["train_rnn.epochs"],
     ) as run:
         torch.manual_seed(cfg.seed)
-        model = MDNRNN(int(cfg.latent.size), train["actions"].shape[-1], int(hp.hidden), int(hp.mixtures)).to(
-            device
-        )
+        model = MDNRNN(
+            int(cfg.latent.size),
+            train["actions"].shape[-1],
+            int(hp.hidden),
+            int(hp.mixtures),
+            float(hp.dropout),
+        ).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
