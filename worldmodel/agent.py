@@ -1,10 +1,11 @@
 """The World Models agent in the real env: frame → VAE → z, controller on [z, h] → action, MDN-RNN
 updates h. Used by real-mode evolve workers, `stage=evaluate` and the `controller` policy.
 
-An agent drives `slots` envs in lockstep with one batched V → C → M forward per step. The forward
-always runs on all `slots` rows (finished or unused rows are padding), because torch's CPU kernels
-round differently for different batch sizes: a fixed batch makes a rollout's result depend only on its
-own parameters and seed, never on which other rollouts shared the batch or how many workers ran.
+An agent drives `slots` envs in lockstep with one batched V → C → M forward per step over the envs
+still running. Torch's CPU kernels round differently for different batch sizes, so a rollout's result
+depends (in the last float bits, and so after many steps in its trajectory) on the rollouts it shares a
+batch with: callers group rollouts by position alone, never by worker count, and replay a whole batch to
+reproduce one of its episodes.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ class Agent:
         self.set_params(controller.get_flat().expand(slots, -1))
 
     def set_params(self, params: np.ndarray | torch.Tensor) -> None:
-        """One parameter vector per row (n ≤ slots rows; the rest are zero padding), or one for all."""
-        params = torch.as_tensor(np.asarray(params), dtype=torch.float32).reshape(-1, self.controller.n_params)
+        """One parameter vector per row (n ≤ slots rows; the rest are zeros), or one for all."""
+        params = torch.as_tensor(np.asarray(params), dtype=torch.float32).reshape(
+            -1, self.controller.n_params
+        )
         if len(params) == 1:
             params = params.expand(self.slots, -1)
         self.params = torch.zeros(self.slots, self.controller.n_params)
@@ -64,11 +67,15 @@ class Agent:
         self.state = self.rnn.initial_state(self.slots)
 
     @torch.inference_mode()
-    def act(self, frames: np.ndarray) -> np.ndarray:
-        """Preprocessed uint8 frames (slots, H, W, 3) → actions (slots, A); advances M's memory."""
+    def act(self, frames: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Preprocessed uint8 frames (n, H, W, 3) of the envs `rows` (default: all slots) → actions (n, A);
+        advances those rows' memory."""
+        rows = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        h, c = self.state[0][:, rows], self.state[1][:, rows]
         z, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
-        action = self.controller.act(self.params, z, self.state[0][0])
-        self.state = self.rnn.advance(z, action, self.state)
+        action = self.controller.act(self.params[rows], z, h[0])
+        h, c = self.rnn.advance(z, action, (h, c))
+        self.state[0][:, rows], self.state[1][:, rows] = h, c
         return action.numpy()
 
     @torch.inference_mode()
@@ -105,7 +112,7 @@ def play(
     n = len(seeds)
     if n > agent.slots or n > len(envs):
         raise ValueError(f"{n} episodes for {agent.slots} agent slots and {len(envs)} envs")
-    frames = np.zeros((agent.slots, image_size, image_size, 3), np.uint8)
+    frames = np.zeros((n, image_size, image_size, 3), np.uint8)
     for i, seed in enumerate(seeds):
         obs, _ = envs[i].reset(seed=int(seed))
         frames[i] = preprocess(obs, crop_bottom, image_size)
@@ -114,13 +121,13 @@ def play(
     idle = [0] * n  # steps since the last positive reward
     active = list(range(n))
     for t in range(max_steps):
-        actions = agent.act(frames)
+        actions = agent.act(frames[active], active)
         if t < record:
-            recon = agent.reconstruct(frames[:n])
-            for i in active:
-                out[i].frames.append(np.concatenate([frames[i], recon[i]], axis=1))
-        for i in list(active):
-            obs, reward, terminated, truncated, _ = envs[i].step(actions[i])
+            recon = agent.reconstruct(frames[active])
+            for k, i in enumerate(active):
+                out[i].frames.append(np.concatenate([frames[i], recon[k]], axis=1))
+        for k, i in enumerate(list(active)):
+            obs, reward, terminated, truncated, _ = envs[i].step(actions[k])
             out[i].score += float(reward)
             out[i].steps += 1
             idle[i] = 0 if reward > 0 else idle[i] + 1

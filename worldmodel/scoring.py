@@ -68,7 +68,13 @@ class RealScorer:
     ) -> None:
         self.slots = envs_per_worker
         env = OmegaConf.to_container(env_cfg, resolve=True)
-        self.args = (workers, init_worker, (paths, env, controller_hparams, self.slots), rollout_batch, timeout)
+        self.args = (
+            workers,
+            init_worker,
+            (paths, env, controller_hparams, self.slots),
+            rollout_batch,
+            timeout,
+        )
         self.pool: WorkerPool | None = None
 
     @property
@@ -94,6 +100,13 @@ class RealScorer:
         ]
         return [rollout for batch in self.pool.map(payloads) for rollout in batch]
 
+    def replay(self, params: np.ndarray, seeds: list[int], i: int, max_steps: int, record: int) -> Rollout:
+        """Rollout i of an earlier `run(params, seeds, max_steps)`, again, with its first `record` frames:
+        its whole lockstep batch is played again, so the episode is the same one."""
+        start = i // self.slots * self.slots
+        end = start + self.slots
+        return self.run(params[start:end], seeds[start:end], max_steps, record=record)[i - start]
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
@@ -110,7 +123,6 @@ def eval_seeds(cfg: DictConfig, episodes: int) -> list[int]:
 def eval_steps(cfg: DictConfig) -> int:
     """Evaluation episodes run to the env's full length unless `evaluate.max_steps` says otherwise."""
     return int(cfg.evaluate.max_steps or cfg.env.episode_steps)
-
 
 
 @dataclass
@@ -138,7 +150,8 @@ def evaluate(
     """Score one controller on every track in `seeds` (full episodes, never cut short) and log to the
     active run: the summary metrics, `scores.csv` (seed, score, steps), `score_histogram.png`, and GIFs
     of the best and the worst track (real | reconstruction)."""
-    rollouts = scorer.run(np.repeat(params[None], len(seeds), axis=0), seeds, max_steps)
+    every = np.repeat(params[None], len(seeds), axis=0)
+    rollouts = scorer.run(every, seeds, max_steps)
     result = Evaluation(
         list(seeds), np.array([r.score for r in rollouts]), np.array([r.steps for r in rollouts])
     )
@@ -150,10 +163,8 @@ def evaluate(
     with tracking.artifact("score_histogram.png") as path:
         _histogram(result.scores, path)
     if gif_steps:
-        best, worst = int(result.scores.argmax()), int(result.scores.argmin())
-        # Replayed with recording: the same parameters and track give the same episode.
-        again = scorer.run(params[None].repeat(2, 0), [seeds[best], seeds[worst]], max_steps, record=gif_steps)
-        for name, i, rollout in (("best", best, again[0]), ("worst", worst, again[1])):
+        for name, i in (("best", int(result.scores.argmax())), ("worst", int(result.scores.argmin()))):
+            rollout = scorer.replay(every, list(seeds), i, max_steps, gif_steps)
             if not np.isclose(rollout.score, result.scores[i]):
                 log.warning("the %s track replayed to %.1f, not %.1f", name, rollout.score, result.scores[i])
             with tracking.artifact(f"gifs/{name}_track.gif") as path:

@@ -49,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "evolve.inputs", ["zh", "z"])
     one_of(cfg, "evolve.initial_z", ["real", "normal"])
     one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
+    one_of(cfg, "evolve.select", ["best", "mean"])
     positive_int(
         cfg,
         "evolve.rollouts",
@@ -154,15 +155,22 @@ def run(cfg: DictConfig) -> str:
                     f" (real {metrics['real/check_score']:.1f})" if "real/check_score" in metrics else "",
                 )
 
-            controller.set_flat(torch.from_numpy(best["params"]))
+            # best: the candidate with the highest fitness seen; mean: CMA-ES's mean, which averages out
+            # the luck of single noisy rollouts.
+            chosen = best["params"] if hp.select == "best" else np.asarray(es.mean, dtype=np.float32)
+            controller.set_flat(torch.from_numpy(chosen))
             save_checkpoint(
-                out_dir / "controller.pt", controller, fitness=best["fitness"], generation=best["generation"]
+                out_dir / "controller.pt",
+                controller,
+                fitness=best["fitness"],
+                generation=best["generation"],
+                select=str(hp.select),
             )
             tracking.publish(out_dir / "controller.pt", "", in_place)
             mlflow.log_metric("best_fitness", best["fitness"])
             if int(hp.eval_episodes):  # the same evaluation as stage=evaluate, on its unseen tracks
                 seeds = eval_seeds(cfg, int(hp.eval_episodes))
-                evaluate(scorer, best["params"], seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
+                evaluate(scorer, chosen, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
         finally:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()

@@ -1,0 +1,175 @@
+"""The standard evaluation, lockstep real-env rollouts with stall stopping, and the dream's options."""
+
+import csv
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from PIL import Image
+
+from worldmodel import tracking
+from worldmodel.agent import Agent, play, worker_inference
+from worldmodel.config import CONFIG_DIR
+from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.envs import make_env
+from worldmodel.errors import WorldModelError
+from worldmodel.models.controller import Controller
+from worldmodel.models.mdnrnn import MDNRNN, mdn_loss
+from worldmodel.models.vae import VAE
+from worldmodel.seeds import EVAL, TRAIN, seed_of
+from worldmodel.stages import run_stage
+
+ENV = OmegaConf.load(CONFIG_DIR / "env" / "carracing.yaml")
+
+
+def _agent(slots: int) -> Agent:
+    torch.manual_seed(0)
+    return Agent(VAE(8).eval(), MDNRNN(8, hidden=16).eval(), Controller(8, 16), slots)
+
+
+def test_lockstep_play_is_deterministic_and_stops_stalled_rollouts():
+    worker_inference()
+    agent = _agent(3)
+    params = np.random.default_rng(0).standard_normal((3, agent.controller.n_params)).astype(np.float32)
+    params[1] = 0.0
+    params[1, -2:] = [-10.0, 10.0]  # biases: no gas, full brake: the car never reaches a new tile
+    envs = [make_env(ENV) for _ in range(3)]
+    agent.set_params(params)
+    first = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=30, record=4)
+    agent.set_params(params)
+    again = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=30)
+    assert [r.score for r in first] == [r.score for r in again]
+    # The first step reaches the start tile (+1000/N); 30 steps without another end the rollout.
+    assert first[1].stalled and first[1].steps == 31 and first[1].score > 0
+    assert all(r.steps <= 120 for r in first)
+    assert len(first[0].frames) == 4 and first[0].frames[0].shape == (64, 128, 3), "real | reconstruction"
+    agent.set_params(params)
+    unstopped = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=0)
+    assert unstopped[1].steps == 120 and not unstopped[1].stalled, "stall_steps=0 never cuts an episode"
+
+
+def test_evaluation_seeds_never_overlap_training_seeds():
+    train = {seed_of(0, TRAIN, g, r) for g in range(300) for r in range(16)}
+    evaluation = {seed_of(0, EVAL, i) for i in range(1000)}
+    assert not train & evaluation and len(evaluation) == 1000
+
+
+def test_evaluate_stage_logs_scores_histogram_and_gifs(smoke, evolve_run):
+    run_id = run_stage(smoke("stage=evaluate", f"inputs.evolve={evolve_run}"))
+    tracking.setup(smoke())
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "evaluate"
+    assert run.data.tags["upstream.evolve"] == evolve_run
+    m = run.data.metrics
+    assert m["eval/episodes"] == 3
+    assert m["eval/score_min"] <= m["eval/score_median"] <= m["eval/score_max"]
+    with open(tracking.artifact_path(run_id, "scores.csv")) as f:
+        rows = list(csv.DictReader(f))
+    scores = np.array([float(r["score"]) for r in rows])
+    assert [int(r["seed"]) for r in rows] == [seed_of(0, EVAL, i) for i in range(3)]
+    np.testing.assert_allclose(scores.mean(), m["eval/score_mean"], atol=1e-2)
+    assert all(int(r["steps"]) == 30 for r in rows), "evaluation episodes are never cut short"
+    assert Image.open(tracking.artifact_path(run_id, "score_histogram.png")).format == "PNG"
+    for name in ("best_track", "worst_track"):
+        gif = Image.open(tracking.artifact_path(run_id, f"gifs/{name}.gif"))
+        assert gif.n_frames == 10 and gif.size == (2 * 64 * 3, 64 * 3)
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, "gifs")}
+    assert not any("partial" in n for n in names)
+
+    # The same seeds give the same scores whatever the worker count.
+    one = run_stage(smoke("stage=evaluate", f"inputs.evolve={evolve_run}", "evaluate.workers=1"))
+    with open(tracking.artifact_path(one, "scores.csv")) as f:
+        assert [float(r["score"]) for r in csv.DictReader(f)] == list(scores)
+
+
+def test_evaluate_refuses_a_run_that_is_not_an_evolve_run(smoke, rnn_run):
+    with pytest.raises(WorldModelError, match="not a evolve run|not an evolve run"):
+        run_stage(smoke("stage=evaluate", f"inputs.evolve={rnn_run}"))
+
+
+def test_evaluate_config_is_validated_before_any_work(smoke):
+    with pytest.raises(WorldModelError, match="evaluate.episodes"):
+        run_stage(smoke("stage=evaluate", "evaluate.episodes=0"))
+    with pytest.raises(WorldModelError, match="evolve.dream_done"):
+        run_stage(smoke("stage=evolve", "evolve.dream_done=maybe"))
+    with pytest.raises(WorldModelError, match="train_rnn.dropout"):
+        run_stage(smoke("stage=train_rnn", "train_rnn.dropout=1.5"))
+
+
+def test_real_mode_evolve_logs_stalls(smoke, rnn_run):
+    run_id = run_stage(
+        smoke(
+            "stage=evolve",
+            "evolve.mode=real",
+            "evolve.generations=1",
+            "evolve.max_steps=60",
+            "evolve.stall_steps=20",
+            "evolve.eval_episodes=0",
+            f"inputs.train_rnn={rnn_run}",
+        )
+    )
+    m = mlflow.get_run(run_id).data.metrics
+    assert 0 <= m["rollouts/stalled_fraction"] <= 1
+    assert 20 <= m["rollouts/steps_mean"] <= 60
+    assert m["rollouts/env_steps"] == pytest.approx(m["rollouts/steps_mean"] * 4 * 2)
+
+
+# ---- the dream's options ---------------------------------------------------------------------------
+
+
+def _world():
+    torch.manual_seed(0)
+    rnn = MDNRNN(8, 3, hidden=32, mixtures=3, dropout=0.05).eval()
+    with torch.no_grad():
+        rnn.head.bias[-1] = -2.0  # P(done) ≈ 0.12 a step: thresholded never ends, sampled does
+    return rnn, Controller(8, 32)
+
+
+def test_dream_dropout_gives_each_rollout_its_own_fixed_world():
+    rnn, controller = _world()
+    params = torch.randn(1, controller.n_params).expand(4, -1) * 0.5
+    seeds = [1, 2, 3, 1]
+    z0 = initial_latents(None, None, seeds, 8)
+    plain, _ = dream_rollouts(rnn, controller, params, z0, seeds, 40, 1.0)
+    masked, _ = dream_rollouts(rnn, controller, params, z0, seeds, 40, 1.0, dropout=0.3)
+    assert not torch.allclose(plain, masked), "dropout changes the world"
+    assert masked[0] == masked[3], "the mask comes from the rollout's own seed"
+    alone, _ = dream_rollouts(rnn, controller, params[:1], z0[:1], seeds[:1], 40, 1.0, dropout=0.3)
+    torch.testing.assert_close(alone[0], masked[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_done_ends_dreams_that_a_threshold_never_ends():
+    rnn, controller = _world()
+    params = torch.zeros(16, controller.n_params)
+    seeds = list(range(16))
+    z0 = initial_latents(None, None, seeds, 8)
+    _, kept = dream_rollouts(rnn, controller, params, z0, seeds, 60, 1.0, record=True)
+    assert kept.shape[0] == 60, "P(done) < 0.5: a threshold never ends the dream"
+    total, _ = dream_rollouts(rnn, controller, params, z0, seeds, 60, 1.0, sample_done=True)
+    full, _ = dream_rollouts(rnn, controller, params, z0, seeds, 60, 1.0)
+    assert (total != full).any(), "sampled dones end some dreams early"
+
+
+def test_initial_z_from_the_prior():
+    z = initial_latents(None, None, list(range(2000)), 8)
+    assert z.shape == (2000, 8)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
+    assert torch.equal(z[:3], initial_latents(None, None, [0, 1, 2], 8))
+
+
+def test_done_positive_weight_and_training_dropout():
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2, dropout=0.5)
+    z, a = torch.randn(2, 5, 4), torch.rand(2, 5, 3)
+    rnn.train()
+    assert not torch.allclose(rnn(z, a)[0].reward, rnn(z, a)[0].reward), "dropout is on in training"
+    rnn.eval()
+    out, _, _ = rnn(z, a)
+    torch.testing.assert_close(out.reward, rnn(z, a)[0].reward)
+    done = torch.zeros(2, 5, dtype=torch.bool)
+    done[:, -1] = True
+    args = (out, torch.randn(2, 5, 4), torch.zeros(2, 5), done)
+    plain, weighted = mdn_loss(*args).done, mdn_loss(*args, done_pos_weight=10.0).done
+    assert weighted > plain, "done steps weigh more"
