@@ -27,7 +27,7 @@ import cma
 import mlflow
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
@@ -36,7 +36,6 @@ from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, one_of, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.dreaming import dream_rollouts, initial_latents
-from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
 from worldmodel.seeds import CHECK, TRAIN, seed_of
