@@ -217,28 +217,53 @@ def test_collect_with_an_evolved_controller(smoke, evolve_run):
     assert not np.allclose(actions[:, :20], [-0.1, 1.0, 0.0]), "not the pseudo-random warm-up"
 
 
-def test_pipeline_parent_with_a_child_per_stage(smoke, tmp_path):
-    parent = run_stage(smoke("stage=pipeline", "mlflow.experiment=pipeline-test"))
+def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
+    parent = run_stage(
+        smoke(
+            "stage=pipeline",
+            "mlflow.experiment=pipeline-test",
+            "pipeline.rounds=1",
+            "pipeline.round_episodes=2",
+        )
+    )
     tracking.setup(smoke("mlflow.experiment=pipeline-test"))
     run = mlflow.get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pipeline"
-    children = mlflow.search_runs(
-        experiment_ids=[run.info.experiment_id],
-        output_format="list",
-        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-    )
-    stages = {c.data.tags["stage"]: c for c in children}
+
+    def children_of(run_id):
+        found = mlflow.search_runs(
+            experiment_ids=[run.info.experiment_id],
+            output_format="list",
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        )
+        return {c.data.tags["stage"]: c for c in found}
+
+    stages = children_of(parent)
     assert sorted(stages) == sorted(
-        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream"]
+        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream", "round"]
     )
-    assert all(c.info.status == "FINISHED" and c.data.tags["pipeline"] == parent for c in children)
+    assert all(c.info.status == "FINISHED" and c.data.tags["pipeline"] == parent for c in stages.values())
     assert stages["merge"].data.tags["upstream.collect"] == stages["collect"].info.run_id
     assert stages["dream"].data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id
     assert stages["evaluate"].data.tags["upstream.evolve"] == stages["evolve"].info.run_id
-    assert run.data.metrics["eval/episodes"] == 3, "the pipeline's score comes from stage=evaluate"
     for key in ("vae/val_loss", "rnn/val_nll", "rnn/baseline_nll", "evolve/best_fitness", "eval/score_mean"):
         assert np.isfinite(run.data.metrics[key]), key
     assert run.data.params["latent.size"] == "32"
+
+    # The round: collect with the evolved controller, merge with the first data, same V, new M and C.
+    round_run = stages["round"]
+    assert round_run.data.tags["round"] == "1" and run.data.tags["child.round_1"] == round_run.info.run_id
+    inner = children_of(round_run.info.run_id)
+    assert sorted(inner) == sorted(["collect", "merge", "encode", "train_rnn", "evolve", "evaluate"])
+    assert inner["collect"].data.tags["policy"] == "controller"
+    assert inner["collect"].data.tags["upstream.evolve"] == stages["evolve"].info.run_id
+    merged = inner["merge"].data.tags["upstream.collect"].split(",")
+    assert merged == [stages["collect"].info.run_id, inner["collect"].info.run_id]
+    assert inner["encode"].data.tags["upstream.train_vae"] == stages["train_vae"].info.run_id
+    assert inner["evaluate"].data.tags["upstream.evolve"] == inner["evolve"].info.run_id
+    with h5py.File(tracking.artifact_path(inner["merge"].info.run_id, "dataset.h5"), "r") as f:
+        assert f["images"].shape[0] == 4 + 2, "every episode so far"
+    assert run.data.metrics["eval/score_mean"] == inner["evaluate"].data.metrics["eval/score_mean"]
 
 
 def test_pipeline_stage_range_is_validated(smoke):

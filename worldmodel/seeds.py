@@ -16,3 +16,6 @@ MASK = 5  # evolve, dream mode: M's dropout masks (generation, row)
 def seed_of(*key: int) -> int:
     """A 32-bit seed from a key of integers, e.g. seed_of(cfg.seed, TRAIN, generation, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+ROUND = 6  # pipeline rounds: the seed of round k's new episodes (round)

@@ -4,6 +4,11 @@ Each child reads its input from the sibling that ran before it (by run id). `pip
 contiguous range, e.g. `pipeline.stages=[train_vae,dream] inputs.merge=<run id>` reuses a dataset. The
 parent carries the children's headline metrics so a sweep (`-m stage=pipeline latent=z16,z32`)
 compares in one table of the MLflow UI.
+
+`pipeline.rounds` > 0 adds the paper's iterative procedure after the stages: each round is a child run
+(tag `round`) whose own children collect `pipeline.round_episodes` new episodes with the latest
+controller, merge them with every episode so far, encode them with the same VAE, retrain M, evolve
+and evaluate. The parent's headline metrics are those of the last round.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import importlib
 import logging
 
 import mlflow
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
-from worldmodel.config import STAGES, check
+from worldmodel.config import CONFIG_DIR, STAGES, check, positive_int
+from worldmodel.seeds import ROUND, seed_of
 
 log = logging.getLogger(__name__)
 # child metric → parent metric
@@ -46,9 +52,22 @@ def stage_range(cfg: DictConfig) -> list[str]:
     return list(STAGES[STAGES.index(first) : STAGES.index(last) + 1])
 
 
+ROUND_STAGES = ("collect", "merge", "encode", "train_rnn", "evolve", "evaluate")
+
+
 def validate(cfg: DictConfig) -> None:
-    for name in stage_range(cfg):
+    stages = stage_range(cfg)
+    for name in stages:
         importlib.import_module(f"worldmodel.stages.{name}").validate(cfg)
+    check(cfg, "pipeline.rounds", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+    if cfg.pipeline.rounds:
+        positive_int(cfg, "pipeline.round_episodes")
+        check(
+            cfg,
+            "pipeline.stages",
+            lambda v: "evolve" in stages,
+            "a range that includes evolve when rounds > 0",
+        )
 
 
 def run(cfg: DictConfig) -> str:
@@ -60,15 +79,45 @@ def run(cfg: DictConfig) -> str:
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.mlflow.pipeline = pipeline_id  # tags the children, and scopes their input search
-        for name in stages:
-            log.info("pipeline: %s", name)
-            child = importlib.import_module(f"worldmodel.stages.{name}").run(cfg)
-            with open_dict(cfg):
-                cfg.inputs[name] = child  # the next stages read this sibling
-            metrics = mlflow.get_run(child).data.metrics
-            mlflow.log_metrics(
-                {dst: metrics[src] for src, dst in HEADLINES.get(name, {}).items() if src in metrics}
-            )
-            mlflow.set_tag(f"child.{name}", child)
+        _run_stages(cfg, stages)
+        for k in range(1, int(cfg.pipeline.rounds) + 1):
+            _round(cfg, k)
     log.info("pipeline %s finished: %s", pipeline_id, ", ".join(stages))
     return pipeline_id
+
+
+def _run_stages(cfg: DictConfig, stages: list[str] | tuple[str, ...]) -> None:
+    """Run `stages` in order under the active run; each reads its predecessors through `cfg.inputs`."""
+    for name in stages:
+        log.info("pipeline: %s", name)
+        child = importlib.import_module(f"worldmodel.stages.{name}").run(cfg)
+        with open_dict(cfg):
+            cfg.inputs[name] = child  # the next stages read this sibling
+        metrics = mlflow.get_run(child).data.metrics
+        mlflow.log_metrics(
+            {dst: metrics[src] for src, dst in HEADLINES.get(name, {}).items() if src in metrics}
+        )
+        mlflow.set_tag(f"child.{name}", child)
+
+
+def _round(cfg: DictConfig, k: int) -> None:
+    """One round of the iterative procedure, from the latest evolve run in `cfg.inputs.evolve`."""
+    evolve = mlflow.get_run(cfg.inputs.evolve)
+    encode = mlflow.get_run(evolve.data.tags["upstream.encode"])
+    merge = mlflow.get_run(encode.data.tags["upstream.merge"])
+    policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
+    policy.run_id = evolve.info.run_id
+    with open_dict(cfg):
+        cfg.policy = policy
+        cfg.seed = seed_of(int(cfg.seed), ROUND, k) % 2**31  # new tracks for the new episodes
+        cfg.collect.episodes = int(cfg.pipeline.round_episodes)
+        cfg.inputs.collect = None
+        cfg.inputs.train_vae = evolve.data.tags["upstream.train_vae"]  # V is kept
+    with tracking.stage_run(cfg, "round", ["pipeline"], tags={"round": str(k)}) as run:
+        log.info("pipeline: round %d, collecting with controller %s", k, evolve.info.run_id)
+        _run_stages(cfg, ROUND_STAGES[:1])
+        with open_dict(cfg):  # every episode so far: the earlier collect runs and this one
+            cfg.inputs.collect = [*merge.data.tags["upstream.collect"].split(","), cfg.inputs.collect]
+        _run_stages(cfg, ROUND_STAGES[1:])
+    mlflow.log_metrics(mlflow.get_run(run.info.run_id).data.metrics)  # the parent shows the last round
+    mlflow.set_tag(f"child.round_{k}", run.info.run_id)
