@@ -33,9 +33,20 @@ def test_every_group_option_composes(group):
 
 def test_stage_groups_are_complete():
     assert options("stage") == sorted(
-        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "dream", "pipeline"]
+        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream", "pipeline"]
     )
-    assert {"smoke"} <= set(options("experiment"))
+    assert {"smoke", "laptop", "workstation", "iterative", "paper"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("preset", ["laptop", "workstation", "iterative", "paper"])
+def test_presets_validate_and_end_with_evaluate_on_enough_tracks(preset):
+    from worldmodel.stages import pipeline
+
+    cfg = compose_config(f"experiment={preset}", "stage=pipeline")
+    pipeline.validate(cfg)
+    if preset != "iterative":
+        assert cfg.evaluate.episodes == 100
+    assert "evaluate" in pipeline.stage_range(cfg)
 
 
 def test_defaults_follow_the_design():
