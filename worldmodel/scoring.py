@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 
 import mlflow
@@ -59,14 +60,16 @@ class RealScorer:
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         envs_per_worker: int,
         paths: dict[str, str],
         env_cfg: DictConfig,
         controller_hparams: dict,
         timeout: float,
     ) -> None:
-        self.slots = envs_per_worker
+        """`workers`: processes, None for one per core; `envs_per_worker`: envs each steps in lockstep."""
+        workers = int(workers or os.cpu_count() or 1)
+        self.slots = int(envs_per_worker)
         env = OmegaConf.to_container(env_cfg, resolve=True)
         self.args = (
             workers,
@@ -110,6 +113,12 @@ class RealScorer:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+
+    def __enter__(self) -> RealScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---- the standard evaluation -----------------------------------------------------------------------

@@ -9,8 +9,6 @@ and the worst track. Scores depend only on the controller and the seeds, not on 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from omegaconf import DictConfig
 
@@ -40,18 +38,11 @@ def run(cfg: DictConfig) -> str:
     with tracking.stage_run(
         cfg, "evaluate", ["evaluate"], upstream, {"latent_size": str(cfg.latent.size)}
     ) as run:
-        scorer = RealScorer(
-            int(hp.workers or os.cpu_count() or 1),
-            int(hp.envs_per_worker),
-            files,
-            cfg.env,
-            controller.hparams,
-            float(cfg.evolve.rollout_timeout),
-        )
-        try:
+        timeout = float(cfg.evolve.rollout_timeout)
+        with RealScorer(
+            hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, timeout
+        ) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, int(hp.episodes))
             evaluate(scorer, params, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
-        finally:
-            scorer.close()
         return run.info.run_id

@@ -103,12 +103,7 @@ def run(cfg: DictConfig) -> str:
         es, best = _cma_state(cfg, controller.n_params)
         starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
         scorer = RealScorer(
-            int(hp.workers or os.cpu_count() or 1),
-            int(hp.envs_per_worker),
-            files,
-            cfg.env,
-            controller.hparams,
-            float(hp.rollout_timeout),
+            hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, float(hp.rollout_timeout)
         )
         try:
             for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
