@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from worldmodel import tracking
 from worldmodel.agent import Agent, Rollout, load_rnn, load_vae, play, worker_inference
@@ -92,8 +93,9 @@ class RealScorer:
         max_steps: int,
         stall_steps: int = 0,
         record: int = 0,
+        progress: str | None = None,
     ) -> list[Rollout]:
-        """Rollout i: parameters params[i] (N, P) on track seeds[i]."""
+        """Rollout i: parameters params[i] (N, P) on track seeds[i]; a progress bar named `progress`."""
         if self.pool is None:
             self.pool = WorkerPool(*self.args)
         k = self.slots
@@ -101,7 +103,12 @@ class RealScorer:
             (params[i : i + k], seeds[i : i + k], max_steps, stall_steps, record)
             for i in range(0, len(seeds), k)
         ]
-        return [rollout for batch in self.pool.map(payloads) for rollout in batch]
+        batches: list[list[Rollout]] = [[] for _ in payloads]
+        with tqdm(total=len(seeds), desc=progress, unit="ep", disable=progress is None) as bar:
+            for i, batch in self.pool.imap_unordered(payloads):
+                batches[i] = batch
+                bar.update(len(batch))
+        return [rollout for batch in batches for rollout in batch]
 
     def replay(self, params: np.ndarray, seeds: list[int], i: int, max_steps: int, record: int) -> Rollout:
         """Rollout i of an earlier `run(params, seeds, max_steps)`, again, with its first `record` frames:
@@ -160,7 +167,7 @@ def evaluate(
     active run: the summary metrics, `scores.csv` (seed, score, steps), `score_histogram.png`, and GIFs
     of the best and the worst track (real | reconstruction)."""
     every = np.repeat(params[None], len(seeds), axis=0)
-    rollouts = scorer.run(every, seeds, max_steps)
+    rollouts = scorer.run(every, seeds, max_steps, progress="evaluate")
     result = Evaluation(
         list(seeds), np.array([r.score for r in rollouts]), np.array([r.steps for r in rollouts])
     )
