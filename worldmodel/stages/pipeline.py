@@ -5,7 +5,8 @@ contiguous range, e.g. `pipeline.stages=[train_vae,dream] inputs.merge=<run id>`
 parent carries the children's headline metrics so a sweep (`-m stage=pipeline latent=z16,z32`)
 compares in one table of the MLflow UI.
 
-`pipeline.rounds` > 0 adds the paper's iterative procedure after the stages: each round is a child run
+`pipeline.rounds` > 0 adds the paper's iterative procedure after the stages (or after `inputs.evolve`,
+e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run
 (tag `round`) whose own children collect `pipeline.round_episodes` new episodes with the latest
 controller, merge them with every episode so far, encode them with the same VAE, retrain M, evolve
 and evaluate. The parent's headline metrics are those of the last round.
@@ -65,8 +66,8 @@ def validate(cfg: DictConfig) -> None:
         check(
             cfg,
             "pipeline.stages",
-            lambda v: "evolve" in stages,
-            "a range that includes evolve when rounds > 0",
+            lambda v: "evolve" in stages or cfg.inputs.evolve,
+            "a range that includes evolve when pipeline.rounds > 0 (or give inputs.evolve to start from)",
         )
 
 
