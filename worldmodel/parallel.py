@@ -1,6 +1,8 @@
 """A process pool that survives its workers: a worker that dies or hangs past `timeout` seconds is
-replaced and its task re-run on another, so a stage never hangs on one bad process. Timeouts count from
-the moment a worker has finished `init` (loading models can take a while) and reported ready.
+replaced and its task re-run on another, so a stage never hangs on one bad process. Task timeouts count
+from the moment a worker has finished `init` (loading models can take a while) and reported ready; a
+worker that is not ready after `start_timeout` seconds (default: the task timeout, at least 60 s, since
+a spawned process importing torch on a busy machine can take many seconds) is replaced.
 
 Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
 `task(state, payload)` for every payload it is given. Functions must be importable (spawn).
@@ -43,10 +45,12 @@ class WorkerPool:
         task: Callable,
         timeout: float,
         max_attempts: int = 3,
+        start_timeout: float | None = None,
     ) -> None:
         self.ctx = mp.get_context("spawn")
         self.init, self.init_args, self.task = init, init_args, task
         self.timeout, self.max_attempts = timeout, max_attempts
+        self.start_timeout = start_timeout if start_timeout is not None else max(timeout, 60.0)
         self.results: mp.Queue = self.ctx.Queue()
         self.procs: dict[int, tuple[mp.Process, mp.Queue]] = {}
         self.ready: set[int] = set()
@@ -132,7 +136,9 @@ class WorkerPool:
     def _restart_failed_starts(self) -> None:
         now = time.monotonic()
         for wid, (proc, _) in list(self.procs.items()):
-            if wid not in self.ready and (not proc.is_alive() or now - self.spawned[wid] > self.timeout):
+            if wid not in self.ready and (
+                not proc.is_alive() or now - self.spawned[wid] > self.start_timeout
+            ):
                 self.start_failures += 1
                 if self.start_failures > 2 * len(self.procs) + 2:
                     raise WorldModelError(
