@@ -12,7 +12,8 @@
 
 All candidates of a generation are scored on the same rollout seeds (common random numbers). The CMA
 state is saved every generation (`cma/state.pkl`, the `cma` package's own pickling), so an interrupted
-run resumes with `inputs.resume=<run id>`. At the end the best controller is scored by the standard
+run resumes with `inputs.resume=<run id>`. At the end the kept controller (`evolve.select`: the best
+candidate seen, or CMA-ES's mean) is saved, and with `evolve.eval_episodes` > 0 scored by the standard
 evaluation (`scoring.evaluate`, as `stage=evaluate`) on `evolve.eval_episodes` unseen tracks.
 """
 
