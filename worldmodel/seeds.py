@@ -10,12 +10,9 @@ TRAIN = 1  # evolve: training rollouts (generation, rollout)
 EVAL = 2  # evaluate and evolve's final evaluation: unseen tracks (episode)
 CHECK = 3  # evolve, dream mode: real checks of the generation's best (generation, rollout)
 DREAM = 4  # dream stage: free dreams (episode)
-MASK = 5  # evolve, dream mode: M's dropout masks (generation, row)
+ROUND = 6  # pipeline rounds: the seed of round k's new episodes (round)
 
 
 def seed_of(*key: int) -> int:
     """A 32-bit seed from a key of integers, e.g. seed_of(cfg.seed, TRAIN, generation, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
-
-
-ROUND = 6  # pipeline rounds: the seed of round k's new episodes (round)

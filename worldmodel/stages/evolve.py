@@ -193,10 +193,11 @@ def _save_state(out_dir, in_place: bool, es: cma.CMAEvolutionStrategy, best: dic
     tracking.publish(path, "cma", in_place)
 
 
-def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray, np.ndarray] | None:
-    """Dreams start from real first frames (their mu, logvar), or from N(0, I) (`evolve.initial_z=normal`)."""
+def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Dreams start from real first frames (their mu, logvar), or from N(0, I) (`evolve.initial_z=normal`:
+    no latents, as `initial_latents` takes it)."""
     if cfg.evolve.initial_z == "normal":
-        return None
+        return None, None
     first = latents.load(tracking.artifact_path(world.encode_id, "latents.h5"), "train")
     return first["mu"][:, 0], first["logvar"][:, 0]
 
@@ -208,7 +209,7 @@ def _dream_fitness(
     p, r = len(solutions), len(seeds)
     params = torch.from_numpy(solutions).repeat_interleave(r, dim=0)
     row_seeds = seeds * p
-    z0 = initial_latents(*starts, row_seeds) if starts else initial_latents(None, None, row_seeds, rnn.latent)
+    z0 = initial_latents(*starts, row_seeds, rnn.latent)
     returns, _ = dream_rollouts(
         rnn,
         controller,
