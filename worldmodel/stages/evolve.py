@@ -10,18 +10,19 @@
   every `evolve.real_check_every` generations the generation's best is re-checked in the real env and
   that score is logged beside its dream score, so exploitation of the dream shows as a curve.
 
-All candidates of a generation are scored on the same rollout seeds (common random numbers). The CMA
-state is saved every generation (`cma/state.pkl`, the `cma` package's own pickling), so an interrupted
-run resumes with `inputs.resume=<run id>`. At the end the kept controller (`evolve.select`: the best
-candidate seen, or CMA-ES's mean) is saved, and with `evolve.eval_episodes` > 0 scored by the standard
-evaluation (`scoring.evaluate`, as `stage=evaluate`) on `evolve.eval_episodes` unseen tracks.
+All candidates of a generation are scored on the same rollout seeds (common random numbers). CMA-ES is
+deterministic given its seed and the fitness it is told, so its state is kept as that history
+(`cma/history.npz`: plain arrays, loaded without pickle, so a crafted artifact cannot run code) and an
+interrupted run resumes with `inputs.resume=<run id>` by replaying it. At the end the kept controller
+(`evolve.select`: the best candidate seen, or CMA-ES's mean) is saved, and with `evolve.eval_episodes`
+> 0 scored by the standard evaluation (`scoring.evaluate`, as `stage=evaluate`) on that many unseen
+tracks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import pickle
 import time
 
 import cma
@@ -37,6 +38,7 @@ from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, one_of, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
 from worldmodel.seeds import CHECK, TRAIN, seed_of
@@ -101,7 +103,7 @@ def run(cfg: DictConfig) -> str:
         may_change=["evolve.generations", "evolve.workers", "evolve.eval_episodes"],
     ) as run:
         out_dir, in_place = tracking.local_artifact_dir("")
-        es, best = _cma_state(cfg, controller.n_params)
+        es, best, history = _cma_state(cfg, controller.n_params)
         starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
         scorer = RealScorer(
             hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, float(hp.rollout_timeout)
@@ -118,13 +120,8 @@ def run(cfg: DictConfig) -> str:
                     fitness, metrics = _real_fitness(scorer, solutions, seeds, hp)
                 elapsed = time.perf_counter() - t0
                 es.tell(list(solutions.astype(np.float64)), list(-fitness))  # cma minimises
+                best = _keep_best(best, solutions, fitness, gen)
                 top = int(np.argmax(fitness))
-                if fitness[top] > best["fitness"]:
-                    best = {
-                        "fitness": float(fitness[top]),
-                        "params": solutions[top].copy(),
-                        "generation": gen,
-                    }
                 metrics |= {
                     "fitness/best": fitness.max(),
                     "fitness/mean": fitness.mean(),
@@ -140,7 +137,10 @@ def run(cfg: DictConfig) -> str:
                     metrics["real/check_score"] = float(np.mean([r.score for r in real]))
                     metrics["real/check_dream_score"] = fitness[top]
                 training.log_epoch(metrics, gen)
-                _save_state(out_dir, in_place, es, best)
+                history["fitness"].append(fitness.astype(np.float64))
+                history["digest"].append(_digest(solutions))
+                with tracking.artifact(HISTORY) as path:
+                    np.savez(path, fitness=np.stack(history["fitness"]), digest=np.array(history["digest"]))
                 log.info(
                     "evolve gen %d: best %.1f mean %.1f sigma %.3f%s",
                     gen,
@@ -172,25 +172,64 @@ def run(cfg: DictConfig) -> str:
         return run.info.run_id
 
 
-def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy, dict]:
+HISTORY = "cma/history.npz"
+
+
+def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
+    """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
+    seeded generator, checked against the stored digests) told the same fitness."""
     hp = cfg.evolve
-    if cfg.inputs.resume and "cma/state.pkl" in tracking.list_artifacts(cfg.inputs.resume, "cma"):
-        with open(tracking.artifact_path(cfg.inputs.resume, "cma/state.pkl"), "rb") as f:
-            state = pickle.load(f)  # our own run's artifact, written by _save_state
-        log.info("evolve: resuming after generation %d", state["es"].countiter - 1)
-        return state["es"], state["best"]
-    options = {"popsize": int(hp.popsize), "seed": int(cfg.seed) + 1, "verbose": -9}
+    seed = int(cfg.seed) + 1
+    options = {"popsize": int(hp.popsize), "seed": seed, "verbose": -9}
+    options["randn"] = np.random.RandomState(seed).randn  # nothing else in the process can shift it
     es = cma.CMAEvolutionStrategy(np.zeros(n_params), float(hp.sigma0), options)
-    return es, {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
+    best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
+    history: dict[str, list] = {"fitness": [], "digest": []}
+    if not cfg.inputs.resume or HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
+        return es, best, history
+    fitnesses, digests = _load_history(cfg.inputs.resume, int(hp.popsize))
+    for gen, (fitness, digest) in enumerate(zip(fitnesses, digests)):
+        solutions = np.asarray(es.ask(), dtype=np.float32)
+        if _digest(solutions) != str(digest):
+            raise WorldModelError(
+                f"inputs.resume={cfg.inputs.resume}: {HISTORY} does not replay at generation {gen} "
+                "(written with other settings or another version); start a new run"
+            )
+        es.tell(list(solutions.astype(np.float64)), list(-fitness))
+        best = _keep_best(best, solutions, fitness, gen)
+        history["fitness"].append(fitness)
+        history["digest"].append(str(digest))
+    log.info("evolve: resuming after generation %d", es.countiter - 1)
+    return es, best, history
 
 
-def _save_state(out_dir, in_place: bool, es: cma.CMAEvolutionStrategy, best: dict) -> None:
-    path = out_dir / "cma" / "state.pkl"
-    path.parent.mkdir(exist_ok=True)
-    partial = path.with_name("state.pkl.partial")
-    partial.write_bytes(pickle.dumps({"es": es, "best": best}))
-    os.replace(partial, path)
-    tracking.publish(path, "cma", in_place)
+def _load_history(run_id: str, popsize: int) -> tuple[np.ndarray, np.ndarray]:
+    path = tracking.artifact_path(run_id, HISTORY)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            fitness, digest = f["fitness"], f["digest"]
+    except (OSError, ValueError, KeyError) as err:
+        raise WorldModelError(
+            f"inputs.resume={run_id}: {HISTORY} is not a CMA-ES history ({err.__class__.__name__}); "
+            "start a new run"
+        ) from err
+    if fitness.ndim != 2 or fitness.shape[1] != popsize or digest.shape != fitness.shape[:1]:
+        raise WorldModelError(
+            f"inputs.resume={run_id}: {HISTORY} holds fitness of shape {fitness.shape}, expected "
+            f"(generations, {popsize}); start a new run"
+        )
+    return fitness.astype(np.float64), digest
+
+
+def _digest(solutions: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(solutions, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int) -> dict:
+    top = int(np.argmax(fitness))
+    if fitness[top] <= best["fitness"]:
+        return best
+    return {"fitness": float(fitness[top]), "params": solutions[top].copy(), "generation": gen}
 
 
 def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray | None, np.ndarray | None]:
