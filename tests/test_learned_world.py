@@ -32,8 +32,9 @@ def test_train_vae_run(smoke, vae_run, merge_run):
     assert {"reconstructions/epoch_000.png", "reconstructions/epoch_001.png"} <= artifacts(
         vae_run, "reconstructions"
     )
-    model = mlflow.pytorch.load_model(f"runs:/{vae_run}/model")
-    assert isinstance(model, VAE)
+    assert "model/data/model.pt2" in {a.path for a in MlflowClient().list_artifacts(vae_run, "model/data")}, (
+        "logged as a torch.export program, not a pickle"
+    )
 
 
 def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, vae_run, rnn_run):
@@ -41,9 +42,10 @@ def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, 
     ckpt = torch.load(tracking.artifact_path(vae_run, "checkpoints/best.pt"), weights_only=True)
     vae = VAE(**ckpt["hparams"])
     vae.load_state_dict(ckpt["state_dict"])
-    logged = mlflow.pytorch.load_model(f"runs:/{vae_run}/model")
-    x = torch.rand(2, 3, 64, 64)
-    assert torch.equal(vae.encode(x)[0], logged.encode(x)[0])
+    logged = mlflow.pytorch.load_model(f"runs:/{vae_run}/model")  # pt2: no pickle
+    x = torch.rand(5, 3, 64, 64)  # another batch size than the export's example
+    _, mu, logvar = logged(x)
+    torch.testing.assert_close((mu, logvar), vae.encode(x))
 
     rnn_ckpt = training.checkpoint_of(rnn_run, "best")
     rnn, again = MDNRNN(**rnn_ckpt["hparams"]), MDNRNN(**rnn_ckpt["hparams"])
@@ -53,6 +55,12 @@ def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, 
     )
     z, a = torch.randn(1, 4, 32), torch.rand(1, 4, 3)
     assert torch.equal(rnn(z, a)[0].mixture.mu, again(z, a)[0].mixture.mu)
+    logged_rnn = mlflow.pytorch.load_model(f"runs:/{rnn_run}/model")
+    h, c = rnn.initial_state(3)
+    z, a = torch.randn(3, 32), torch.rand(3, 3)
+    out, (h1, c1) = rnn.step(z, a, (h, c))
+    log_pi, mu, log_sigma, reward, done, h2, c2 = logged_rnn(z, a, h[0], c[0])
+    torch.testing.assert_close((mu, reward, h2, c2), (out.mixture.mu, out.reward, h1[0], c1[0]))
 
 
 def test_encode_output_and_lineage(smoke, encode_run, vae_run, merge_run, dataset_path):
@@ -85,7 +93,7 @@ def test_train_rnn_run_logs_the_baseline(smoke, rnn_run, encode_run):
         assert np.isfinite(m[key]), key
     assert run.data.params["train_rnn.mixtures"] == "3"
     assert "checkpoints/best.pt" in artifacts(rnn_run, "checkpoints")
-    assert isinstance(mlflow.pytorch.load_model(f"runs:/{rnn_run}/model"), MDNRNN)
+    assert "model/data/model.pt2" in {a.path for a in MlflowClient().list_artifacts(rnn_run, "model/data")}
 
 
 def test_latent_size_mismatch_is_one_line(smoke, vae_run):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.entities import Run
 from omegaconf import DictConfig
@@ -126,18 +127,38 @@ def checkpoint_epoch(
     return best
 
 
-def log_model(model: nn.Module, name: str = "model") -> None:
-    """Log with mlflow.pytorch so `mlflow.pytorch.load_model("runs:/<id>/model")` works (pickled: the
-    models return dataclasses, which the pt2 export format cannot trace)."""
-    import mlflow.pytorch
+class MDNRNNStep(nn.Module):
+    """The MDN-RNN's one-step interface with plain tensors in and out, as torch.export needs:
+    (z, a, h, c) → (log_pi, mu, log_sigma, reward, done_logit, h, c)."""
 
-    model = model.to("cpu").eval()
-    # MLflow warns on every pickled model; the trade-off is explained above, once is enough.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple:
+        out, (h, c) = self.rnn.step(z, a, (h.unsqueeze(0), c.unsqueeze(0)))
+        m = out.mixture
+        return m.log_pi, m.mu, m.log_sigma, out.reward, out.done_logit, h[0], c[0]
+
+
+def log_model(model: nn.Module, examples: tuple[torch.Tensor, ...], name: str = "model") -> None:
+    """Log as a torch.export program (MLflow's "pt2" format: a traced graph and raw tensors, nothing
+    that runs code on load), so `mlflow.pytorch.load_model("runs:/<id>/model")` returns a callable
+    module. The batch dimension of every input is dynamic."""
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    specs = [
+        TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name=f"input_{i}")
+        for i, x in enumerate(examples)
+    ]
     mlflow.pytorch.log_model(
-        model,
+        model.to("cpu").eval(),
         name=name,
-        serialization_format="pickle",
+        serialization_format="pt2",
+        input_example=examples,
+        signature=ModelSignature(Schema(specs)),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
 

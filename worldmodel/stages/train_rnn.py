@@ -216,5 +216,8 @@ def run(cfg: DictConfig) -> str:
             )
 
         training.log_epoch({"best_val_nll": best}, int(hp.epochs) - 1)
-        training.log_model(load_module(MDNRNN, ckpt_dir / "best.pt"))
+        rnn = load_module(MDNRNN, ckpt_dir / "best.pt")
+        h, c = rnn.initial_state(2)  # a batch of 1 would be exported as a fixed size
+        examples = (torch.zeros(2, rnn.latent), torch.zeros(2, rnn.action_dim), h[0], c[0])
+        training.log_model(training.MDNRNNStep(rnn), examples)
         return run.info.run_id

@@ -2,7 +2,7 @@
 
 Trains on the training episodes, validates on the held-out ones every epoch, keeps the best (by
 validation loss) and last checkpoints, logs a grid of validation frames over their reconstructions
-each epoch and the final model with mlflow.pytorch. `inputs.resume=<run id>` continues an interrupted
+each epoch and the final model as a torch.export program (MLflow's pt2 format, no pickle). `inputs.resume=<run id>` continues an interrupted
 run from its last finished epoch.
 """
 
@@ -125,7 +125,8 @@ def run(cfg: DictConfig) -> str:
             )
 
         training.log_epoch({"best_val_loss": best}, int(hp.epochs) - 1)
-        training.log_model(load_module(VAE, ckpt_dir / "best.pt"))
+        vae = load_module(VAE, ckpt_dir / "best.pt")
+        training.log_model(vae, (torch.zeros(2, 3, vae.image_size, vae.image_size),))
         return run.info.run_id
 
 
