@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
@@ -15,14 +18,43 @@ from worldmodel.stages import run_stage
 log = logging.getLogger("worldmodel")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (kill, a scheduler, docker stop) takes Ctrl-C's path: the run ends KILLED, partial files
+    # are removed and the workers stopped.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _redeliver(unraisable: sys.UnraisableHookArgs) -> None:
+    # An interrupt raised while a finalizer or weakref callback ran is swallowed ("Exception ignored
+    # in ..."); send the signal again, from another thread so that it lands after the hook, until it
+    # reaches the stage.
+    err = unraisable.exc_value
+    if isinstance(err, KeyboardInterrupt):
+        again = signal.SIGTERM if str(err) == "SIGTERM" else signal.SIGINT
+        threading.Timer(0.01, os.kill, (os.getpid(), again)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def app(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _redeliver
     try:
         run_stage(cfg)
     except WorldModelError as err:
         # Expected user-facing problems: one line, no traceback, non-zero exit.
         log.error("%s: %s", cfg.stage.name, err)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        why = str(err) or "SIGINT"
+        log.error(
+            "%s: interrupted (%s); its MLflow run ends KILLED: resume it with inputs.resume=<run id>"
+            " where the stage supports it, or run it again",
+            cfg.stage.name,
+            why,
+        )
+        sys.exit(128 + getattr(signal, why, signal.SIGINT))
 
 
 def main() -> None:

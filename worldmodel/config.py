@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "eva
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wm_root"):
         OmegaConf.register_new_resolver("wm_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("wm_pid"):
+        # Two stages started in the same second must not share a Hydra output directory.
+        OmegaConf.register_new_resolver("wm_pid", lambda: str(os.getpid()))
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

@@ -4,6 +4,10 @@ from the moment a worker has finished `init` (loading models can take a while) a
 worker that is not ready after `start_timeout` seconds (default: the task timeout, at least 60 s, since
 a spawned process importing torch on a busy machine can take many seconds) is replaced.
 
+Workers end with their parent: each watches the parent's sentinel and exits as soon as the parent is
+gone, however it died (kill -9 included), so no orphan is left waiting on its task queue. They ignore
+Ctrl-C, which the parent handles for them.
+
 Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
 `task(state, payload)` for every payload it is given. Functions must be importable (spawn).
 """
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +30,21 @@ from worldmodel.errors import WorldModelError
 log = logging.getLogger(__name__)
 
 
+def _exit_with_parent() -> None:
+    parent = mp.parent_process()
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's sentinel closes: the parent is gone
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _worker_main(
     init: Callable, init_args: tuple, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int
 ) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     state = init(*init_args)
     results.put((wid, None, True, "ready"))  # timeouts count from here, not from process start
     while (item := tasks.get()) is not None:

@@ -33,17 +33,26 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+# mlflow.set_tracking_uri exports the URI as $MLFLOW_TRACKING_URI (for subprocesses); a value we put
+# there ourselves is not the user's choice and must not outlive a config that points elsewhere.
+_exported: str | None = None
+
+
 def tracking_uri(cfg: DictConfig) -> str:
     if cfg.mlflow.tracking_uri:
         return str(cfg.mlflow.tracking_uri)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env and from_env != _exported:
+        return from_env
     return f"sqlite:///{Path(cfg.paths.outputs).resolve() / 'mlflow.db'}"
 
 
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the store and select the experiment; returns the experiment id."""
+    global _exported
     uri = tracking_uri(cfg)
+    if uri != os.environ.get("MLFLOW_TRACKING_URI"):
+        _exported = uri
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))

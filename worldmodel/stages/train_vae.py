@@ -2,8 +2,8 @@
 
 Trains on the training episodes, validates on the held-out ones every epoch, keeps the best (by
 validation loss) and last checkpoints, logs a grid of validation frames over their reconstructions
-each epoch and the final model as a torch.export program (MLflow's pt2 format, no pickle). `inputs.resume=<run id>` continues an interrupted
-run from its last finished epoch.
+each epoch and the final model as a torch.export program (MLflow's pt2 format, no pickle).
+`inputs.resume=<run id>` continues an interrupted run from its last finished epoch.
 """
 
 from __future__ import annotations

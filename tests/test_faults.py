@@ -1,0 +1,185 @@
+"""Hostile and careless use: crafted artifacts, killed processes, corrupt data, concurrent runs.
+
+Each test reproduces one case of the hardening issue and checks the outcome a user should see: one line
+that names the problem, a non-zero exit, and no changed or lost data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import compose_config
+from worldmodel import tracking
+from worldmodel.config import PROJECT_ROOT
+from worldmodel.errors import WorldModelError
+from worldmodel.stages import run_stage
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def own_store(tmp_path: Path, *overrides: str):
+    """A config on a store of the test's own."""
+    return compose_config("experiment=smoke", f"paths.outputs={tmp_path}", *overrides)
+
+
+def start_app(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "worldmodel", "experiment=smoke", f"paths.outputs={tmp_path}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        args, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc: Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def the_run(tmp_path: Path, stage: str):
+    tracking.setup(own_store(tmp_path))
+    runs = mlflow.search_runs(
+        experiment_names=["CarRacing-v3"], filter_string=f"tags.stage = '{stage}'", output_format="list"
+    )
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+# ---- 2, 3: killed processes ----------------------------------------------------------------------------
+
+LONG_COLLECT = ("stage=collect", "collect.episodes=8", "collect.max_steps=1000", "collect.workers=2")
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_worker_behind(tmp_path):
+    proc = start_app(tmp_path, *LONG_COLLECT)
+    try:
+        wait_for(lambda: len(children(proc.pid)) >= 2, 60, "the workers to start")
+        time.sleep(2)
+        workers = children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: not any(alive(w) for w in workers), 15, f"workers {workers} to exit")
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_and_cleans_up(tmp_path):
+    proc = start_app(tmp_path, *LONG_COLLECT)
+    try:
+        wait_for(lambda: len(children(proc.pid)) >= 2, 60, "the workers to start")
+        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial")), 60, "a shard to be started")
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "interrupted (SIGTERM)" in out and "Traceback" not in out, out[-2000:]
+    wait_for(lambda: not any(alive(w) for w in workers), 15, "workers to exit")
+    assert the_run(tmp_path, "collect").info.status == "KILLED"
+    assert not list(tmp_path.glob("artifacts/**/*.partial"))
+
+
+# ---- 1: no code from artifacts -------------------------------------------------------------------------
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cma_state_runs_no_code(smoke, rnn_run, tmp_path):
+    common = (
+        "stage=evolve",
+        f"inputs.train_rnn={rnn_run}",
+        "evolve.real_check_every=0",
+        "evolve.eval_episodes=0",
+    )
+    first = run_stage(smoke(*common, "evolve.generations=1"))
+    MlflowClient().set_terminated(first, "KILLED")
+    history = tracking.artifact_path(first, "cma/history.npz")
+    marker = tmp_path / "pwned"
+    # An object array in the npz would need pickle to load; the old pickle state file is never read.
+    np.savez(history.with_suffix(".npz.tmp"), fitness=np.array([Payload(marker)], dtype=object), digest=[])
+    os.replace(history.with_suffix(".npz.tmp.npz"), history)
+    import pickle
+
+    (history.parent / "state.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(WorldModelError, match="cma/history.npz is not a CMA-ES history") as err:
+        run_stage(smoke(*common, "evolve.generations=2", f"inputs.resume={first}"))
+    one_line(err)
+    assert not marker.exists()
+
+
+def test_a_tampered_cma_history_does_not_replay(smoke, rnn_run):
+    common = (
+        "stage=evolve",
+        f"inputs.train_rnn={rnn_run}",
+        "evolve.real_check_every=0",
+        "evolve.eval_episodes=0",
+    )
+    first = run_stage(smoke(*common, "evolve.generations=2"))
+    MlflowClient().set_terminated(first, "KILLED")
+    path = tracking.artifact_path(first, "cma/history.npz")
+    with np.load(path) as f:
+        fitness, digest = f["fitness"], f["digest"]
+    digest[1] = "0" * 64
+    np.savez(path.with_name("tampered.npz"), fitness=fitness, digest=digest)
+    os.replace(path.with_name("tampered.npz"), path)
+    with pytest.raises(WorldModelError, match="does not replay at generation 1"):
+        run_stage(smoke(*common, "evolve.generations=3", f"inputs.resume={first}"))
+
+
+# ---- 7: concurrent runs --------------------------------------------------------------------------------
+
+
+def test_each_process_gets_its_own_hydra_directory(tmp_path):
+    procs = [start_app(tmp_path, "stage=merge", "inputs.collect=nope") for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=120)
+    dirs = sorted(p.name for p in (tmp_path / "runs").glob("*/*") if p.is_dir())
+    assert len(dirs) == 2, dirs
