@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import compose_config
 from worldmodel import tracking
 from worldmodel.config import PROJECT_ROOT
+from worldmodel.data import rollouts
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
 
@@ -183,3 +185,47 @@ def test_each_process_gets_its_own_hydra_directory(tmp_path):
         p.communicate(timeout=120)
     dirs = sorted(p.name for p in (tmp_path / "runs").glob("*/*") if p.is_dir())
     assert len(dirs) == 2, dirs
+
+
+# ---- 4: corrupt chunks ---------------------------------------------------------------------------------
+
+
+def damage_a_chunk(path: Path, dataset: str = "images", chunk: int = 1) -> None:
+    """Overwrite bytes in the middle of one compressed chunk; the file's size and structure stay intact."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, 16, dtype=np.uint8).tobytes())
+
+
+def test_a_damaged_chunk_is_caught_by_merge_and_repaired_by_collect(tmp_path):
+    collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
+    shard = tracking.artifact_path(collect, "shards/shard_00001.h5")
+    with h5py.File(shard, "r") as f:
+        good = f["images"][:]
+    size = shard.stat().st_size
+    damage_a_chunk(shard)
+    assert shard.stat().st_size == size
+
+    with pytest.raises(WorldModelError, match=r"shard_00001.h5: damaged data in dataset 'images'") as err:
+        run_stage(own_store(tmp_path, "stage=merge", f"inputs.collect={collect}"))
+    assert f"stage=collect inputs.resume={collect}" in one_line(err)
+    assert not list(tmp_path.glob("artifacts/**/dataset.h5*")), "nothing written"
+
+    assert run_stage(own_store(tmp_path, "stage=collect", f"inputs.resume={collect}")) == collect
+    with h5py.File(shard, "r") as f:
+        np.testing.assert_array_equal(f["images"][:], good)  # the same seeds give the same episodes
+    merge = run_stage(own_store(tmp_path, "stage=merge", f"inputs.collect={collect}"))
+    assert mlflow.get_run(merge).info.status == "FINISHED"
+
+
+def test_checksums_catch_damage_in_the_merged_dataset(tmp_path):
+    collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
+    merge = run_stage(own_store(tmp_path, "stage=merge", f"inputs.collect={collect}"))
+    dataset = tracking.artifact_path(merge, "dataset.h5")
+    with h5py.File(dataset, "r") as f:
+        assert all(f[k].fletcher32 for k in ("images", "actions", "rewards", "dones", "lengths", "episode"))
+    damage_a_chunk(dataset, "actions", 0)
+    with pytest.raises(WorldModelError, match="damaged data in dataset 'actions', episode 0"):
+        rollouts.verify(dataset, "re-run merge")

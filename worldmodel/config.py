@@ -57,13 +57,13 @@ def check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str) -
         raise WorldModelError(f"config key '{key}' must be {expected} (got {value!r})")
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def positive_int(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
-        check(cfg, key, lambda v: _is_int(v) and v > 0, "a positive integer")
+        check(cfg, key, lambda v: is_int(v) and v > 0, "a positive integer")
 
 
 def positive_number(cfg: DictConfig, *keys: str) -> None:
@@ -81,10 +81,15 @@ def one_of(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:
     check(cfg, key, lambda v: v in choices, f"one of {choices}")
 
 
+def no_resume(cfg: DictConfig, stage: str) -> None:
+    """For stages that cannot continue a run: inputs.resume would be silently ignored otherwise."""
+    check(cfg, "inputs.resume", lambda v: v is None, f"null: {stage} cannot resume a run; run it again")
+
+
 def validate_common(cfg: DictConfig) -> None:
     """Settings every stage relies on."""
-    check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    check(cfg, "seed", lambda v: is_int(v) and v >= 0, "a non-negative integer")
     positive_int(cfg, "env.image_size", "latent.size")
-    check(cfg, "env.crop_bottom", lambda v: _is_int(v) and 0 <= v < 96, "an integer in [0, 96)")
+    check(cfg, "env.crop_bottom", lambda v: is_int(v) and 0 <= v < 96, "an integer in [0, 96)")
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")

@@ -104,12 +104,14 @@ def _hydra_output_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _check_resume(run: Run, stage: str, params: dict[str, str], may_change: Sequence[str]) -> None:
+def _check_resume(
+    run: Run, stage: str, params: dict[str, str], may_change: Sequence[str], repairable: bool
+) -> None:
     if run.data.tags.get("stage") != stage:
         raise WorldModelError(
             f"inputs.resume={run.info.run_id} is a '{run.data.tags.get('stage')}' run, not a {stage} run"
         )
-    if run.info.status == "FINISHED":
+    if run.info.status == "FINISHED" and not repairable:
         raise WorldModelError(f"inputs.resume={run.info.run_id} already FINISHED; nothing to resume")
     for key, value in params.items():
         old = run.data.params.get(key)
@@ -129,8 +131,10 @@ def stage_run(
     tags: dict[str, str] | None = None,
     resume: str | None = None,
     may_change: Sequence[str] = (),
+    repairable: bool = False,
 ) -> Iterator[Run]:
-    """Start (or resume) the MLflow run of one stage; end it FINISHED, FAILED or KILLED."""
+    """Start (or resume) the MLflow run of one stage; end it FINISHED, FAILED or KILLED. A `repairable`
+    stage may also reopen a FINISHED run (collect re-collects its missing or damaged shards)."""
     setup(cfg)
     params = {k: str(v) for s in sections for k, v in flatten(cfg[s], prefix=f"{s}.").items()}
     if "seed" in cfg:
@@ -140,7 +144,7 @@ def stage_run(
             previous = mlflow.get_run(resume)
         except MlflowException as err:
             raise WorldModelError(f"inputs.resume={resume}: no such run in {tracking_uri(cfg)}") from err
-        _check_resume(previous, stage, params, may_change)
+        _check_resume(previous, stage, params, may_change, repairable)
         params = {k: v for k, v in params.items() if k not in previous.data.params}
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
     active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)

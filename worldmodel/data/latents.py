@@ -25,7 +25,7 @@ def create(
     path: Path, episodes: int, steps: int, latent: int, action_dim: int, attrs: dict[str, Any]
 ) -> h5py.File:
     f = h5py.File(path, "w")
-    gzip = {"compression": "gzip", "compression_opts": 1}
+    gzip = {"compression": "gzip", "compression_opts": 1, "fletcher32": True}
     for name in ("mu", "logvar"):
         f.create_dataset(name, (episodes, steps, latent), np.float32, chunks=(1, steps, latent), **gzip)
     f.create_dataset(

@@ -1,7 +1,8 @@
 """Stream verified rollout files into one dataset, one episode at a time.
 
 Per-step datasets are copied chunk by chunk without decompressing when source and target share chunk
-shape and filter (the common case: both written by worldmodel).
+shape and filters (the common case: both written by worldmodel); the sources were verified first
+(`rollouts.verify`), so only good chunks are copied, with their checksums.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _same_layout(src: h5py.Dataset, dst: h5py.Dataset) -> bool:
         and src.compression == dst.compression
         and src.compression_opts == dst.compression_opts
         and src.shuffle == dst.shuffle
+        and src.fletcher32 == dst.fletcher32
     )
 
 

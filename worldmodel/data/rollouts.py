@@ -1,11 +1,14 @@
 """The rollouts HDF5 format, shared by collect shards and the merged dataset.
 
-    images   uint8   (E, T, H, W, 3)   chunked (1, chunk_frames, H, W, 3), gzip
+    images   uint8   (E, T, H, W, 3)   chunked (1, chunk_frames, H, W, 3), gzip, fletcher32
     actions  float32 (E, T, A)
     rewards  float32 (E, T)
     dones    bool    (E, T)
     lengths  int32   (E,)     valid steps; T unless collected with reset_on_done=false
     episode  int64   (E,)     the episode's index in its collect run (its seed is (seed, episode))
+
+Every dataset carries HDF5 `fletcher32` checksums, so any reader detects a damaged chunk; `verify`
+decompresses every chunk (files written before the checksums are caught by gzip's own check).
 
 Attributes: schema, schema_version, env_id, image_size, crop_bottom, max_steps, reset_on_done,
 policy, seed, run_id. The merged file adds `source_runs` (one per episode, by `source`) and the
@@ -15,6 +18,7 @@ train/validation split as datasets `split/train`, `split/val` (episode indices).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +60,7 @@ def create(
 ) -> h5py.File:
     """A new rollouts file with `episodes` empty slots."""
     f = h5py.File(path, "w")
-    gzip = {"compression": "gzip", "compression_opts": compression_level}
+    gzip = {"compression": "gzip", "compression_opts": compression_level, "fletcher32": True}
     chunk = max(1, min(chunk_frames, steps))
     f.create_dataset(
         "images",
@@ -70,8 +74,8 @@ def create(
     )
     f.create_dataset("rewards", (episodes, steps), np.float32, chunks=(1, steps), **gzip)
     f.create_dataset("dones", (episodes, steps), bool, chunks=(1, steps), **gzip)
-    f.create_dataset("lengths", (episodes,), np.int32)
-    f.create_dataset("episode", (episodes,), np.int64)
+    f.create_dataset("lengths", (episodes,), np.int32, chunks=True, fletcher32=True)
+    f.create_dataset("episode", (episodes,), np.int64, chunks=True, fletcher32=True)
     f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **attrs})
     return f
 
@@ -166,6 +170,25 @@ def inspect(path: Path) -> RolloutInfo:
         raise WorldModelError(
             f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]}); "
             "it is corrupt or truncated: delete it and re-run the stage that made it"
+        ) from err
+
+
+def verify(path: Path, hint: str, progress: Callable[[int], None] = lambda n: None) -> None:
+    """Read every chunk of every dataset (checksums and decompression checked), one episode at a time;
+    a one-line error naming the file, the dataset and the episode, ending in `hint` (what to do)."""
+    try:
+        with h5py.File(path, "r") as f:
+            for name in ("lengths", "episode"):
+                where = f"dataset '{name}'"
+                f[name][:]
+            for e in range(f["images"].shape[0]):
+                for name in ("images", "actions", "rewards", "dones"):
+                    where = f"dataset '{name}', episode {e}"
+                    f[name][e]
+                progress(1)
+    except OSError as err:
+        raise WorldModelError(
+            f"{path}: damaged data in {where} ({str(err).splitlines()[0]}); {hint}"
         ) from err
 
 

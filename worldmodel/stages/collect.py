@@ -3,7 +3,9 @@
 Shard k holds episodes [k·S, (k+1)·S) with S = collect.episodes_per_shard. Workers only roll out;
 this process writes each episode into its shard as it arrives, under a `.partial` name that becomes
 `shard_XXXXX.h5` once the shard is complete. Resuming (inputs.resume=<run id>) keeps the complete
-shards and collects only the rest.
+shards that read back whole and collects only the rest; a FINISHED run can be resumed too, to repair a
+shard that was deleted or damaged (its replacement is written beside it and takes its place when
+complete).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from worldmodel import tracking
-from worldmodel.config import check, one_of, positive_int, positive_number
+from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data import rollouts
+from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
 from worldmodel.parallel import WorkerPool
 from worldmodel.rollout import episode_task, init_worker, run_episode
@@ -37,7 +40,7 @@ def validate(cfg: DictConfig) -> None:
     check(
         cfg,
         "collect.workers",
-        lambda v: v is None or (isinstance(v, int) and v > 0),
+        lambda v: v is None or (is_int(v) and v > 0),
         "null (all cores) or a positive integer",
     )
     check(cfg, "collect.reset_on_done", lambda v: isinstance(v, bool), "true or false")
@@ -70,6 +73,7 @@ def run(cfg: DictConfig) -> str:
         tags=tags,
         resume=cfg.inputs.resume,
         may_change=["collect.workers"],
+        repairable=True,
     ) as run:
         out_dir, in_place = tracking.local_artifact_dir(SHARDS)
         done = _complete_shards(run.info.run_id, n_shards, in_place, out_dir)
@@ -86,6 +90,9 @@ def run(cfg: DictConfig) -> str:
             workers,
             len(done),
         )
+        if not todo:
+            log.info("collect: every shard of run %s is present and reads back whole", run.info.run_id)
+            return run.info.run_id
 
         attrs = {
             "env_id": str(cfg.env.id),
@@ -209,7 +216,12 @@ def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) 
                 if in_place
                 else tracking.artifact_path(run_id, f"{SHARDS}/{shard_name(k)}")
             )
-            rollouts.inspect(path)
+            try:
+                rollouts.inspect(path)
+                rollouts.verify(path, "")
+            except WorldModelError as err:
+                log.warning("collect: %s is damaged, collecting it again (%s)", shard_name(k), err)
+                continue
             done.add(k)
     return done
 

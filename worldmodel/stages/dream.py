@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from worldmodel import tracking, training
 from worldmodel.agent import load_controller, load_rnn, load_vae
-from worldmodel.config import check, one_of, positive_int
+from worldmodel.config import check, no_resume, one_of, positive_int
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
+    no_resume(cfg, "dream")
     one_of(cfg, "dream.mode", ["replay", "free"])
     positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
     check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")

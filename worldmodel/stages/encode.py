@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.agent import load_vae
-from worldmodel.config import positive_int
+from worldmodel.config import no_resume, positive_int
 from worldmodel.data import latents
 from worldmodel.data.rollouts import inspect
 from worldmodel.errors import WorldModelError
@@ -29,6 +29,7 @@ LATENTS = "latents.h5"
 
 
 def validate(cfg: DictConfig) -> None:
+    no_resume(cfg, "encode")
     positive_int(cfg, "encode.batch_size")
 
 

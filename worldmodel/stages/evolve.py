@@ -35,7 +35,7 @@ from tqdm import tqdm
 from worldmodel import tracking, training
 from worldmodel.agent import load_rnn
 from worldmodel.checkpoints import save_checkpoint
-from worldmodel.config import check, one_of, positive_int, positive_number
+from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.dreaming import dream_rollouts, initial_latents
 from worldmodel.errors import WorldModelError
@@ -61,16 +61,16 @@ def validate(cfg: DictConfig) -> None:
         "evolve.gif_steps",
         "evolve.envs_per_worker",
     )
-    check(cfg, "evolve.popsize", lambda v: isinstance(v, int) and v >= 2, "an integer ≥ 2")
+    check(cfg, "evolve.popsize", lambda v: is_int(v) and v >= 2, "an integer ≥ 2")
     positive_number(cfg, "evolve.sigma0", "evolve.rollout_timeout")
     for key in ("evolve.hidden", "evolve.real_check_every", "evolve.eval_episodes", "evolve.stall_steps"):
-        check(cfg, key, lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+        check(cfg, key, lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     check(cfg, "evolve.temperature", lambda v: v >= 0, "a number ≥ 0")
     check(cfg, "evolve.dream_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
     check(
         cfg,
         "evolve.workers",
-        lambda v: v is None or (isinstance(v, int) and v > 0),
+        lambda v: v is None or (is_int(v) and v > 0),
         "null (all cores) or a positive integer",
     )
 

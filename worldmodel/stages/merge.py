@@ -1,8 +1,9 @@
 """merge: gather the shards of one or more collect runs into one verified dataset.
 
-Every shard is checked (schema, dtypes, shapes, equal settings, every episode present) before a byte
-is written; the dataset is written as `dataset.h5.partial` and renamed when complete. Shards are
-never deleted. Episode order: the collect runs in the order given, episodes by index within each.
+Every shard is checked (schema, dtypes, shapes, equal settings, every episode present, and every
+chunk read back against its checksum) before a byte is written; the dataset is written as
+`dataset.h5.partial` and renamed when complete. Shards are never deleted. Episode order: the collect
+runs in the order given, episodes by index within each.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from worldmodel import tracking
-from worldmodel.config import check, positive_int
+from worldmodel.config import check, is_int, no_resume, positive_int
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
@@ -25,13 +26,12 @@ DATASET = "dataset.h5"
 
 
 def validate(cfg: DictConfig) -> None:
+    no_resume(cfg, "merge")
     check(
         cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"
     )
     positive_int(cfg, "merge.chunk_frames")
-    check(
-        cfg, "merge.compression_level", lambda v: isinstance(v, int) and 0 <= v <= 9, "an integer in [0, 9]"
-    )
+    check(cfg, "merge.compression_level", lambda v: is_int(v) and 0 <= v <= 9, "an integer in [0, 9]")
 
 
 def collect_run_ids(cfg: DictConfig) -> list[str | None]:
@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> str:
         if not names:
             raise WorldModelError(f"collect run {rid} has no shards; re-run it or pick another run")
         run_infos = [rollouts.inspect(tracking.artifact_path(rid, name)) for name in names]
+        for info in tqdm(run_infos, desc=f"verify {rid[:8]}", unit="shard"):
+            rollouts.verify(info.path, f"repair the shard with `stage=collect inputs.resume={rid}`")
         expected = int(source.data.params.get("collect.episodes", sum(i.episodes for i in run_infos)))
         found = sum(i.episodes for i in run_infos)
         if found != expected:

@@ -21,7 +21,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
-from worldmodel.config import CONFIG_DIR, STAGES, check, positive_int
+from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, positive_int
 from worldmodel.seeds import ROUND, seed_of
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ ROUND_STAGES = ("collect", "merge", "encode", "train_rnn", "evolve", "evaluate")
 
 def validate(cfg: DictConfig) -> None:
     stages = stage_range(cfg)
-    for name in stages:
-        importlib.import_module(f"worldmodel.stages.{name}").validate(cfg)
-    check(cfg, "pipeline.rounds", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+    for i, name in enumerate(stages):
+        importlib.import_module(f"worldmodel.stages.{name}").validate(cfg if i == 0 else _fresh(cfg))
+    check(cfg, "pipeline.rounds", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     if cfg.pipeline.rounds:
         positive_int(cfg, "pipeline.round_episodes")
         check(
@@ -87,6 +87,14 @@ def run(cfg: DictConfig) -> str:
     return pipeline_id
 
 
+def _fresh(cfg: DictConfig) -> DictConfig:
+    """`inputs.resume` names a run of the first stage only; the later stages start new runs."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.inputs.resume = None
+    return cfg
+
+
 def _run_stages(cfg: DictConfig, stages: list[str] | tuple[str, ...]) -> None:
     """Run `stages` in order under the active run; each reads its predecessors through `cfg.inputs`."""
     for name in stages:
@@ -94,6 +102,7 @@ def _run_stages(cfg: DictConfig, stages: list[str] | tuple[str, ...]) -> None:
         child = importlib.import_module(f"worldmodel.stages.{name}").run(cfg)
         with open_dict(cfg):
             cfg.inputs[name] = child  # the next stages read this sibling
+            cfg.inputs.resume = None  # it resumed the first stage, if any
         metrics = mlflow.get_run(child).data.metrics
         mlflow.log_metrics(
             {dst: metrics[src] for src, dst in HEADLINES.get(name, {}).items() if src in metrics}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
-from worldmodel.config import check, positive_int, positive_number
+from worldmodel.config import check, is_int, positive_int, positive_number
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
@@ -41,7 +41,7 @@ def validate(cfg: DictConfig) -> None:
     )
     positive_number(cfg, "train_vae.lr")
     check(cfg, "train_vae.kl_tolerance", lambda v: v >= 0, "a number ≥ 0")
-    check(cfg, "train_vae.num_workers", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+    check(cfg, "train_vae.num_workers", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     check(cfg, "env.image_size", lambda v: v in SIZES, f"one of {list(SIZES)} for the VAE")
 
 
