@@ -72,12 +72,13 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def the_run(tmp_path: Path, stage: str):
+    """The one run of `stage` in the test's store, or None."""
     tracking.setup(own_store(tmp_path))
     runs = mlflow.search_runs(
         experiment_names=["CarRacing-v3"], filter_string=f"tags.stage = '{stage}'", output_format="list"
     )
-    assert len(runs) == 1, runs
-    return runs[0]
+    assert len(runs) <= 1, runs
+    return runs[0] if runs else None
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -229,3 +230,40 @@ def test_checksums_catch_damage_in_the_merged_dataset(tmp_path):
     damage_a_chunk(dataset, "actions", 0)
     with pytest.raises(WorldModelError, match="damaged data in dataset 'actions', episode 0"):
         rollouts.verify(dataset, "re-run merge")
+
+
+# ---- 5: foreign and mismatched files -------------------------------------------------------------------
+
+
+def test_a_foreign_hdf5_as_dataset_is_one_line(tmp_path):
+    collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
+    merge = run_stage(own_store(tmp_path, "stage=merge", f"inputs.collect={collect}"))
+    dataset = tracking.artifact_path(merge, "dataset.h5")
+    dataset.unlink()
+    with h5py.File(dataset, "w") as f:
+        f["data"] = np.zeros(3)
+    with pytest.raises(WorldModelError, match="not a worldmodel rollouts file") as err:
+        run_stage(own_store(tmp_path, "stage=train_vae", f"inputs.merge={merge}"))
+    one_line(err)
+    assert the_run(tmp_path, "train_vae") is None
+
+
+def test_latents_of_another_size_are_one_line(smoke, encode_run, tmp_path):
+    tracking.setup(smoke())
+    path = tracking.artifact_path(encode_run, "latents.h5")
+    client = MlflowClient()
+    fake = client.create_run(client.get_run(encode_run).info.experiment_id, tags={"stage": "encode"})
+    client.set_tag(fake.info.run_id, "latent_size", "32")
+    client.set_tag(fake.info.run_id, "upstream.train_vae", "x")
+    with h5py.File(path, "r") as src, h5py.File(tmp_path / "latents.h5", "w") as f:
+        for key in src:
+            src.copy(key, f)
+        f.attrs.update(src.attrs)
+        for name in ("mu", "logvar"):
+            del f[name]
+            f[name] = src[name][..., :16]  # 16-d latents in a run that claims 32
+    client.log_artifact(fake.info.run_id, str(tmp_path / "latents.h5"))
+    client.set_terminated(fake.info.run_id, "FINISHED")
+    with pytest.raises(WorldModelError, match="holds 16-d latents but latent.size=32") as err:
+        run_stage(smoke("stage=train_rnn", f"inputs.encode={fake.info.run_id}"))
+    one_line(err)

@@ -123,7 +123,7 @@ def test_mdn_loss_decreases_on_real_latents(encode_run, smoke):
     from worldmodel.stages.train_rnn import batch_tensors, windows
 
     tracking.setup(smoke())
-    data = latents.load(tracking.artifact_path(encode_run, "latents.h5"))
+    data = latents.read(tracking.artifact_path(encode_run, "latents.h5"), np.arange(4))
     index = windows(data, 8, None)
     torch.manual_seed(0)
     model = MDNRNN(32, 3, hidden=64, mixtures=3)

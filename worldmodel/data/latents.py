@@ -9,6 +9,8 @@ Attributes: schema, schema_version, latent_size, image_size, env_id, vae_run, me
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,90 @@ def create(
     return f
 
 
-def load(path: Path, split: str = "all") -> dict[str, np.ndarray]:
-    """The arrays of one split, in memory (latents are small: E·T·Z·8 bytes)."""
+@dataclass
+class LatentsInfo:
+    path: Path
+    episodes: int
+    steps: int
+    latent: int
+    action_dim: int
+    lengths: np.ndarray  # int32 (E,)
+
+
+def inspect(path: Path, latent_size: int | None = None) -> LatentsInfo:
+    """Check a latents file's schema, datasets, dtypes, shapes and (when given) latent size; one line
+    naming the problem otherwise. Reads only the lengths."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema") != SCHEMA or int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
                 raise WorldModelError(
                     f"{path}: not a worldmodel latents file (version {SCHEMA_VERSION}); re-run encode"
                 )
-            idx = np.arange(f["lengths"].shape[0]) if split == "all" else f[f"split/{split}"][:]
-            out = {k: f[k][:][idx] for k in ("mu", "logvar", "actions", "rewards", "dones", "lengths")}
-            out["attrs"] = dict(f.attrs)
-            return out
+            for name in (
+                "mu",
+                "logvar",
+                "actions",
+                "rewards",
+                "dones",
+                "lengths",
+                "split/train",
+                "split/val",
+            ):
+                if name not in f:
+                    raise WorldModelError(f"{path}: dataset '{name}' is missing; re-run encode")
+            e, t, z = f["mu"].shape
+            a = f["actions"].shape[-1]
+            shapes = {"logvar": (e, t, z), "actions": (e, t, a), "rewards": (e, t), "dones": (e, t)}
+            for name, shape in {**shapes, "lengths": (e,)}.items():
+                if f[name].shape != shape:
+                    raise WorldModelError(
+                        f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
+                    )
+            if latent_size is not None and z != latent_size:
+                raise WorldModelError(
+                    f"{path} holds {z}-d latents but latent.size={latent_size}; "
+                    f"use latent=z{z} or encode with a {latent_size}-d VAE"
+                )
+            return LatentsInfo(Path(path), e, t, z, a, f["lengths"][:])
     except WorldModelError:
         raise
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, ValueError) as err:
         raise WorldModelError(
             f"{path}: unreadable latents file ({str(err).splitlines()[0]}); re-run encode"
         ) from err
+
+
+def _read(f: h5py.File, episodes: np.ndarray) -> dict[str, np.ndarray]:
+    order = np.argsort(episodes, kind="stable")  # HDF5 reads a sorted selection; put it back in order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    wanted = np.asarray(episodes)[order]
+    return {k: f[k][wanted][rank] for k in ("mu", "logvar", "actions", "rewards", "dones", "lengths")}
+
+
+def stream(path: Path, episodes: np.ndarray, per_read: int) -> Iterator[dict[str, np.ndarray]]:
+    """The arrays of `episodes`, in that order, `per_read` episodes at a time: memory is bounded by
+    `per_read`, never by the size of the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            for i in range(0, len(episodes), per_read):
+                yield _read(f, np.asarray(episodes[i : i + per_read]))
+    except OSError as err:
+        raise WorldModelError(
+            f"{path}: damaged latents file ({str(err).splitlines()[0]}); re-run encode"
+        ) from err
+
+
+def read(path: Path, episodes: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of `episodes` (a few; see `stream` for many)."""
+    return next(stream(path, episodes, max(1, len(episodes))))
+
+
+def first_steps(path: Path, episodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mu and logvar of step 0 of `episodes`: (E, Z) each, where dreams start."""
+    mu, logvar = [], []
+    with h5py.File(path, "r") as f:
+        for e in episodes:  # one chunk per episode is decompressed, then dropped
+            mu.append(f["mu"][e, 0])
+            logvar.append(f["logvar"][e, 0])
+    return np.stack(mu), np.stack(logvar)

@@ -110,8 +110,9 @@ def _attr(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def inspect(path: Path) -> RolloutInfo:
-    """Open a rollouts file and check its schema, dtypes and shapes; a one-line error otherwise."""
+def inspect(path: Path, merged: bool = False) -> RolloutInfo:
+    """Open a rollouts file and check its schema, dtypes and shapes (and, for a `merged` dataset, its
+    train/validation split); a one-line error otherwise."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema") != SCHEMA:
@@ -158,6 +159,9 @@ def inspect(path: Path) -> RolloutInfo:
                     raise WorldModelError(
                         f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
                     )
+            for name in ("split/train", "split/val") if merged else ():
+                if name not in f:
+                    raise WorldModelError(f"{path}: dataset '{name}' is missing; it is not a merged dataset")
             # Touch the last chunk of every dataset: a truncated file fails here, not halfway through a copy.
             for name in ("images", "actions", "rewards", "dones"):
                 if e:

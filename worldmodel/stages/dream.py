@@ -59,6 +59,7 @@ def run(cfg: DictConfig) -> str:
         controller = load_controller(training.agent_files(evolve_run)["controller"])
         upstream["evolve"] = evolve_run.info.run_id
     lat_path = tracking.artifact_path(encode_run.info.run_id, "latents.h5")
+    latents.inspect(lat_path, int(cfg.latent.size))
     dataset = tracking.artifact_path(encode_run.data.tags["upstream.merge"], "dataset.h5")
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
@@ -112,10 +113,9 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset, out_dir, in_place
 
 @torch.inference_mode()
 def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_place: bool) -> None:
-    first = latents.load(lat_path, "all")
     n, steps, temperature = int(cfg.dream.episodes), int(cfg.dream.steps), float(cfg.dream.temperature)
     seeds = [seed_of(int(cfg.seed), DREAM, i) for i in range(n)]
-    z0 = initial_latents(first["mu"][:, 0], first["logvar"][:, 0], seeds)
+    z0 = initial_latents(*latents.first_steps(lat_path, episodes_in(lat_path, "all")), seeds)
     if controller is not None:
         params = controller.get_flat().expand(n, -1)
         returns, visited = dream_rollouts(rnn, controller, params, z0, seeds, steps, temperature, record=True)

@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> str:
     merge_id = cfg.inputs.merge or vae_run.data.tags["upstream.merge"]
     merge_run = tracking.resolve_run(cfg, "merge", merge_id, {})
     dataset = tracking.artifact_path(merge_run.info.run_id, "dataset.h5")
-    info = inspect(dataset)
+    info = inspect(dataset, merged=True)
     device = training.pick_device(cfg)
     vae = load_vae(training.checkpoint_path(vae_run.info.run_id)).to(device)
     if info.image_size != vae.image_size:

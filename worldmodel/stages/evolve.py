@@ -37,6 +37,7 @@ from worldmodel.agent import load_rnn
 from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data import latents
+from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
@@ -237,8 +238,9 @@ def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray | 
     no latents, as `initial_latents` takes it)."""
     if cfg.evolve.initial_z == "normal":
         return None, None
-    first = latents.load(tracking.artifact_path(world.encode_id, "latents.h5"), "train")
-    return first["mu"][:, 0], first["logvar"][:, 0]
+    path = tracking.artifact_path(world.encode_id, "latents.h5")
+    latents.inspect(path, int(cfg.latent.size))
+    return latents.first_steps(path, episodes_in(path, "train"))
 
 
 def _dream_fitness(

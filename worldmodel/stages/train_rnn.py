@@ -1,7 +1,9 @@
 """train_rnn: the MDN-RNN on sequences of latents.
 
 Trains on sub-sequences of `train_rnn.seq_len` steps of the training episodes, with z re-sampled from
-`mu`/`logvar` in every batch (as in the paper); validates on the held-out episodes. Next to the model's
+`mu`/`logvar` in every batch (as in the paper); validates on the held-out episodes. Episodes are
+streamed from `latents.h5` in a shuffled order, `train_rnn.buffer_episodes` at a time, and the
+windows of each buffer are shuffled: memory is bounded by the buffer, not by the dataset. Next to the model's
 validation NLL it logs that of a simple baseline on the same data, a diagonal Gaussian centred on the
 current z with the best fixed variance, so anyone can see whether the model learned anything.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
+from worldmodel.data.datasets import episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
 
@@ -35,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
         "train_rnn.seq_len",
         "train_rnn.hidden",
         "train_rnn.mixtures",
+        "train_rnn.buffer_episodes",
     )
     positive_number(cfg, "train_rnn.lr", "train_rnn.grad_clip")
     for key in ("train_rnn.reward_weight", "train_rnn.done_weight"):
@@ -78,14 +83,6 @@ def batch_tensors(
     return {k: v.to(device) for k, v in out.items()}
 
 
-def baseline_nll(z: torch.Tensor, next_z: torch.Tensor, mask: torch.Tensor) -> float:
-    """NLL per dimension of next_z ~ N(z, σ²) with σ² per dimension fitted on these very pairs."""
-    m = mask.bool()
-    diff = (next_z - z)[m]
-    var = diff.pow(2).mean(0).clamp(min=1e-8)
-    return float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean())
-
-
 def batch_loss(
     model: MDNRNN,
     data: dict[str, np.ndarray],
@@ -112,27 +109,31 @@ def batch_loss(
 
 @torch.no_grad()
 def evaluate(
-    model: MDNRNN, data: dict[str, np.ndarray], cfg: DictConfig, device: torch.device
+    model: MDNRNN, path: Path, episodes: np.ndarray, cfg: DictConfig, device: torch.device
 ) -> dict[str, float]:
     model.eval()
     hp = cfg.train_rnn
-    index = windows(data, int(hp.seq_len), None)
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    sums, n, zs, nzs, masks = np.zeros(3), 0, [], [], []
-    for i in range(0, len(index), int(hp.batch_size)):
-        b, loss = batch_loss(model, data, index[i : i + int(hp.batch_size)], hp, generator, device)
-        weight = float(b["mask"].sum())
-        sums += np.array(
-            [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
-        )
-        n += len(b["z"])
-        zs.append(b["z"]), nzs.append(b["next_z"]), masks.append(b["mask"])
-    mask = torch.cat(masks)
+    sums, n, steps = np.zeros(3), 0, 0.0
+    sq = torch.zeros(int(cfg.latent.size))  # the baseline's statistics, accumulated: Σ (next_z − z)²
+    for data in latents.stream(path, episodes, int(hp.buffer_episodes)):
+        index = windows(data, int(hp.seq_len), None)
+        for i in range(0, len(index), int(hp.batch_size)):
+            b, loss = batch_loss(model, data, index[i : i + int(hp.batch_size)], hp, generator, device)
+            weight = float(b["mask"].sum())
+            sums += np.array(
+                [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
+            )
+            n += len(b["z"])
+            m = b["mask"].bool().cpu()
+            sq += (b["next_z"] - b["z"]).cpu()[m].pow(2).sum(0)
+            steps += weight
+    var = (sq / steps).clamp(min=1e-8)  # per-dimension σ² of next_z ~ N(z, σ²), fitted on these pairs
     return {
-        "val/nll": sums[0] / float(mask.sum()),
+        "val/nll": sums[0] / steps,
         "val/reward_loss": sums[1] / n,
         "val/done_loss": sums[2] / n,
-        "val/baseline_nll": baseline_nll(torch.cat(zs), torch.cat(nzs), mask),
+        "val/baseline_nll": float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean()),
     }
 
 
@@ -140,14 +141,15 @@ def run(cfg: DictConfig) -> str:
     compat = {"latent_size": str(cfg.latent.size)}
     encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
     path = tracking.artifact_path(encode.info.run_id, "latents.h5")
-    train, val = latents.load(path, "train"), latents.load(path, "val")
-    if len(val["lengths"]) == 0:
+    info = latents.inspect(path, int(cfg.latent.size))
+    train, val = episodes_in(path, "train"), episodes_in(path, "val")
+    if len(val) == 0:
         val = train  # a dataset without a validation split: report on the training episodes
     hp = cfg.train_rnn
-    if int(train["lengths"].max()) <= int(hp.seq_len):
+    longest = int(info.lengths[train].max())
+    if longest <= int(hp.seq_len):
         raise WorldModelError(
-            f"train_rnn.seq_len={hp.seq_len} is not shorter than the episodes "
-            f"({int(train['lengths'].max())} steps); lower it"
+            f"train_rnn.seq_len={hp.seq_len} is not shorter than the episodes ({longest} steps); lower it"
         )
     device = training.pick_device(cfg)
     upstream = {"encode": encode.info.run_id, "train_vae": encode.data.tags.get("upstream.train_vae", "")}
@@ -164,7 +166,7 @@ def run(cfg: DictConfig) -> str:
         torch.manual_seed(cfg.seed)
         model = MDNRNN(
             int(cfg.latent.size),
-            train["actions"].shape[-1],
+            info.action_dim,
             int(hp.hidden),
             int(hp.mixtures),
             float(hp.dropout),
@@ -172,33 +174,39 @@ def run(cfg: DictConfig) -> str:
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
+        total_windows = int((info.lengths[train] // (int(hp.seq_len) + 1)).sum())
 
         for epoch in range(start_epoch, int(hp.epochs)):
             model.train()
             rng = np.random.default_rng([int(cfg.seed), epoch])
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            index = windows(train, int(hp.seq_len), rng)
-            index = index[rng.permutation(len(index))]
             sums, n, t0 = np.zeros(4), 0, time.perf_counter()
-            for i in tqdm(
-                range(0, len(index), int(hp.batch_size)),
-                desc=f"train_rnn {epoch + 1}/{hp.epochs}",
-                unit="batch",
-                leave=False,
-            ):
-                b, loss = batch_loss(model, train, index[i : i + int(hp.batch_size)], hp, generator, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
-                optimizer.step()
-                k = len(b["z"])
-                sums += (
-                    np.array([loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()]) * k
-                )
-                n += k
+            with tqdm(
+                total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
+            ) as bar:
+                for data in latents.stream(path, train[rng.permutation(len(train))], int(hp.buffer_episodes)):
+                    index = windows(data, int(hp.seq_len), rng)
+                    index = index[rng.permutation(len(index))]
+                    for i in range(0, len(index), int(hp.batch_size)):
+                        b, loss = batch_loss(
+                            model, data, index[i : i + int(hp.batch_size)], hp, generator, device
+                        )
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.loss.backward()
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
+                        optimizer.step()
+                        k = len(b["z"])
+                        sums += (
+                            np.array(
+                                [loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()]
+                            )
+                            * k
+                        )
+                        n += k
+                        bar.update(k)
             elapsed = time.perf_counter() - t0
             metrics = dict(zip(("train/loss", "train/nll", "train/reward_loss", "train/done_loss"), sums / n))
-            metrics |= evaluate(model, val, cfg, device)
+            metrics |= evaluate(model, path, val, cfg, device)
             metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
             metrics["train/steps_per_s"] = n * int(hp.seq_len) / elapsed
             training.log_epoch(metrics, epoch)

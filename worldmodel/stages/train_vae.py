@@ -22,6 +22,7 @@ from tqdm import tqdm
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
 from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.data import rollouts
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
@@ -48,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> str:
     merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, {"image_size": str(cfg.env.image_size)})
     dataset = tracking.artifact_path(merge.info.run_id, "dataset.h5")
+    rollouts.inspect(dataset, merged=True)
     device = training.pick_device(cfg)
     hp = cfg.train_vae
     tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
