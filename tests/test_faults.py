@@ -267,3 +267,85 @@ def test_latents_of_another_size_are_one_line(smoke, encode_run, tmp_path):
     with pytest.raises(WorldModelError, match="holds 16-d latents but latent.size=32") as err:
         run_stage(smoke("stage=train_rnn", f"inputs.encode={fake.info.run_id}"))
     one_line(err)
+
+
+# ---- 6: resume -----------------------------------------------------------------------------------------
+
+
+def test_resume_keeps_the_upstream_run_it_started_with(smoke, encode_run, vae_run):
+    first = run_stage(smoke("stage=train_rnn", f"inputs.encode={encode_run}", "train_rnn.epochs=1"))
+    MlflowClient().set_terminated(first, "KILLED")
+    newer = run_stage(smoke("stage=encode", f"inputs.train_vae={vae_run}"))  # now the latest encode run
+    assert run_stage(smoke("stage=train_rnn", f"inputs.resume={first}")) == first
+    assert mlflow.get_run(first).data.tags["upstream.encode"] == encode_run != newer
+
+
+@pytest.mark.parametrize("stage", ["merge", "encode", "evaluate", "dream"])
+def test_stages_without_resume_refuse_it(stage):
+    with pytest.raises(WorldModelError, match=f"inputs.resume.*{stage} cannot resume a run; run it again"):
+        run_stage(compose_config("experiment=smoke", f"stage={stage}", "inputs.resume=abc"))
+
+
+def test_the_pipeline_hands_resume_to_its_first_stage_only():
+    from worldmodel.stages import pipeline
+
+    pipeline.validate(
+        compose_config("stage=pipeline", "pipeline.stages=[collect,merge]", "inputs.resume=abc")
+    )
+    with pytest.raises(WorldModelError, match="merge cannot resume"):
+        pipeline.validate(
+            compose_config("stage=pipeline", "pipeline.stages=[merge,encode]", "inputs.resume=abc")
+        )
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_live_run_and_a_new_run_reaps_a_dead_one(tmp_path):
+    proc = start_app(tmp_path, *LONG_COLLECT)
+    try:
+        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial")), 90, "a shard to be started")
+        live = the_run(tmp_path, "collect")
+        with pytest.raises(
+            WorldModelError, match=f"still running \\(process {proc.pid} on this host\\)"
+        ) as err:
+            run_stage(own_store(tmp_path, "stage=collect", f"inputs.resume={live.info.run_id}"))
+        one_line(err)
+        assert proc.poll() is None and mlflow.get_run(live.info.run_id).info.status == "RUNNING"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert mlflow.get_run(live.info.run_id).info.status == "RUNNING"  # kill -9: nobody could end it
+    run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1", "seed=5"))
+    dead = mlflow.get_run(live.info.run_id)
+    assert dead.info.status == "KILLED" and dead.data.tags["killed_reason"]
+    assert not list(tmp_path.glob("artifacts/**/*.partial"))
+    assert (
+        run_stage(own_store(tmp_path, *LONG_COLLECT[:3], f"inputs.resume={live.info.run_id}"))
+        == live.info.run_id
+    )
+
+
+# ---- 8: validation at the first stage that can know ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("env.image_size=50", "env.image_size"),
+        ("policy.refresh=0", "policy.refresh"),
+        ("collect.episodes=true", "collect.episodes"),
+        ("collect.workers=true", "collect.workers"),
+        ("policy=random policy.refresh=-1", "policy.refresh"),
+        ("policy=brownian policy.dt=0", "policy.dt"),
+    ],
+)
+def test_collect_refuses_bad_settings_before_any_work(tmp_path, override, key):
+    with pytest.raises(WorldModelError, match=f"config key '{key}'") as err:
+        run_stage(own_store(tmp_path, "stage=collect", *override.split()))
+    one_line(err)
+    assert not (tmp_path / "artifacts").exists(), "no run, no file"
+
+
+def test_true_is_not_an_integer():
+    with pytest.raises(WorldModelError, match="config key 'evolve.popsize'"):
+        run_stage(compose_config("experiment=smoke", "stage=evolve", "evolve.popsize=true"))

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 from omegaconf import DictConfig
 
+from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.errors import WorldModelError
 
 
@@ -99,6 +100,24 @@ class ControllerPolicy:
         if t == 0:
             self.agent.reset()
         return self.agent.act(frame[None])[0]
+
+
+def validate(cfg: DictConfig) -> None:
+    """The policy group's settings, checked before any episode is played."""
+    one_of(cfg, "policy.name", ["pseudo_random", "random", "brownian", "controller"])
+    if cfg.policy.name in ("pseudo_random", "random"):
+        positive_int(cfg, "policy.refresh")
+    if cfg.policy.name == "pseudo_random":
+        check(cfg, "policy.warmup", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
+        check(cfg, "policy.warmup_action", lambda v: len(v) == 3, "three numbers (steer, gas, brake)")
+        check(
+            cfg,
+            "policy.probs",
+            lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
+            "four non-negative probabilities summing to 1",
+        )
+    if cfg.policy.name == "brownian":
+        positive_number(cfg, "policy.dt")
 
 
 def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Policy:

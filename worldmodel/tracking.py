@@ -4,8 +4,12 @@
   artifacts under `paths.outputs/artifacts`.
 - One experiment per env; runs tagged with stage, env, pipeline, git commit and upstream run ids.
 - Params: the config sections the stage reads, flattened; the full config and `.hydra/` as artifacts.
-- A run that raises ends FAILED (KILLED on Ctrl-C), so it is never picked up as an input.
-- Inputs are found by explicit run id or as the latest FINISHED compatible run of the upstream stage.
+- A run that raises ends FAILED (KILLED on Ctrl-C or SIGTERM), so it is never picked up as an input.
+- A live run carries its host and pid and a heartbeat tag; resume refuses a run that is still alive, and
+  a new run of a stage marks the dead RUNNING runs of that stage (kill -9, power loss) KILLED and
+  removes their partial files.
+- Inputs are found by explicit run id or as the latest FINISHED compatible run of the upstream stage;
+  a resumed run keeps the upstream runs it started with unless another is named.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -111,6 +118,11 @@ def _check_resume(
         raise WorldModelError(
             f"inputs.resume={run.info.run_id} is a '{run.data.tags.get('stage')}' run, not a {stage} run"
         )
+    alive = _alive(run)
+    if alive:
+        raise WorldModelError(
+            f"inputs.resume={run.info.run_id} is still running ({alive}); stop that process first"
+        )
     if run.info.status == "FINISHED" and not repairable:
         raise WorldModelError(f"inputs.resume={run.info.run_id} already FINISHED; nothing to resume")
     for key, value in params.items():
@@ -135,7 +147,7 @@ def stage_run(
 ) -> Iterator[Run]:
     """Start (or resume) the MLflow run of one stage; end it FINISHED, FAILED or KILLED. A `repairable`
     stage may also reopen a FINISHED run (collect re-collects its missing or damaged shards)."""
-    setup(cfg)
+    experiment_id = setup(cfg)
     params = {k: str(v) for s in sections for k, v in flatten(cfg[s], prefix=f"{s}.").items()}
     if "seed" in cfg:
         params["seed"] = str(cfg.seed)
@@ -146,10 +158,19 @@ def stage_run(
             raise WorldModelError(f"inputs.resume={resume}: no such run in {tracking_uri(cfg)}") from err
         _check_resume(previous, stage, params, may_change, repairable)
         params = {k: v for k, v in params.items() if k not in previous.data.params}
+    else:
+        _reap_dead_runs(experiment_id, stage)
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
     active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
-    with run_status():
-        all_tags = {"stage": stage, "env": str(cfg.env.id), "git_commit": git_commit(), **(tags or {})}
+    with run_status(), _heartbeat(active.info.run_id):
+        all_tags = {
+            "stage": stage,
+            "env": str(cfg.env.id),
+            "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            **(tags or {}),
+        }
         if cfg.mlflow.pipeline:
             all_tags["pipeline"] = str(cfg.mlflow.pipeline)
         for key, run_id in (upstream or {}).items():
@@ -164,6 +185,81 @@ def stage_run(
         yield mlflow.get_run(active.info.run_id)
         if hydra_dir is not None and (hydra_dir / f"{stage}.log").is_file():
             mlflow.log_artifact(str(hydra_dir / f"{stage}.log"), "logs")
+
+
+HEARTBEAT_S = 30.0  # a RUNNING run whose heartbeat is older than 3 of these is taken for dead
+
+
+@contextlib.contextmanager
+def _heartbeat(run_id: str) -> Iterator[None]:
+    """Refresh the run's `heartbeat` tag (unix time) every HEARTBEAT_S from a background thread."""
+    stop = threading.Event()
+    client = MlflowClient()
+
+    def beat() -> None:
+        while True:
+            try:
+                client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+            except Exception as err:  # a missed beat is not worth failing a stage for
+                log.debug("heartbeat of %s failed: %s", run_id, err)
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _alive(run: Run) -> str | None:
+    """Why a RUNNING run is still alive (its process exists on this host, or its heartbeat is recent),
+    or None when it is not running or evidently dead."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    age = time.time() - float(tags.get("heartbeat", 0))
+    if age > 3 * HEARTBEAT_S:
+        return None
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        pid = int(tags["pid"])
+        return f"process {pid} on this host" if _process_exists(pid) else None
+    return f"on {tags.get('host', 'another host')}, heartbeat {age:.0f} s ago"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_dead_runs(experiment_id: str, stage: str) -> None:
+    """Mark RUNNING runs of `stage` whose process is gone KILLED, and remove their partial files (a
+    stage killed with -9 could do neither), so they are neither mistaken for live runs nor leave
+    half-written files behind for good. Resumable stages still resume them."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    for run in runs:
+        if _alive(run):
+            continue
+        parsed = urlparse(run.info.artifact_uri)
+        if parsed.scheme in ("", "file"):
+            for partial in Path(unquote(parsed.path)).rglob("*.partial*"):
+                partial.unlink(missing_ok=True)
+        MlflowClient().set_terminated(run.info.run_id, "KILLED")
+        MlflowClient().set_tag(run.info.run_id, "killed_reason", "its process was gone")
+        log.warning(
+            "run %s of %s was left RUNNING by a process that is gone: marked KILLED", run.info.run_id, stage
+        )
 
 
 @contextlib.contextmanager
@@ -246,13 +342,23 @@ def list_artifacts(run_id: str, path: str) -> list[str]:
 # ---- resolving inputs -----------------------------------------------------------------------------
 
 
+def _upstream_of(run_id: str, stage: str) -> str | None:
+    try:
+        return mlflow.get_run(run_id).data.tags.get(f"upstream.{stage}")
+    except MlflowException:
+        return None  # stage_run reports the missing run
+
+
 def _how_to_make(stage: str) -> str:
     return f"run `python -m worldmodel stage={stage}` first, or pass inputs.{stage}=<run id>"
 
 
 def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[str, str]) -> Run:
-    """The upstream run of `stage`: the given id (checked), or the latest FINISHED compatible one."""
+    """The upstream run of `stage`: the given id (checked); when resuming, the one the resumed run read;
+    else the latest FINISHED compatible one."""
     setup(cfg)
+    if not run_id and cfg.inputs.resume:
+        run_id = _upstream_of(str(cfg.inputs.resume), stage)
     if run_id:
         try:
             run = mlflow.get_run(str(run_id))

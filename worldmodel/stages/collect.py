@@ -22,8 +22,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from worldmodel import tracking
-from worldmodel.config import check, is_int, one_of, positive_int, positive_number
+from worldmodel import policies, tracking
+from worldmodel.config import check, is_int, positive_int, positive_number
 from worldmodel.data import rollouts
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
@@ -44,14 +44,10 @@ def validate(cfg: DictConfig) -> None:
         "null (all cores) or a positive integer",
     )
     check(cfg, "collect.reset_on_done", lambda v: isinstance(v, bool), "true or false")
-    one_of(cfg, "policy.name", ["pseudo_random", "random", "brownian", "controller"])
-    if cfg.policy.name == "pseudo_random":
-        check(
-            cfg,
-            "policy.probs",
-            lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
-            "four non-negative probabilities summing to 1",
-        )
+    policies.validate(cfg)
+    from worldmodel.models.vae import SIZES  # the frames are for the VAE: refuse a size it cannot take
+
+    check(cfg, "env.image_size", lambda v: v in SIZES, f"one of {list(SIZES)} for the VAE")
 
 
 def shard_name(k: int) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import tracking, training
+from worldmodel import policies, tracking, training
 from worldmodel.agent import load_controller, load_rnn, load_vae
 from worldmodel.config import check, no_resume, one_of, positive_int
 from worldmodel.data import latents
@@ -38,6 +38,8 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "dream.mode", ["replay", "free"])
     positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
     check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")
+    if cfg.dream.mode == "free" and not cfg.dream.use_controller:
+        policies.validate(cfg)
 
 
 @torch.inference_mode()
