@@ -166,20 +166,20 @@ def test_merge_refuses_a_damaged_shard_and_writes_nothing(smoke, collect_run, da
 
 
 def test_merge_refuses_a_shard_with_another_image_size(smoke, collect_run):
-    other = run_stage(smoke("stage=collect", "collect.workers=1", "env.image_size=32", "collect.episodes=2"))
-    # Put the 32px shard among the 64px ones, as a user copying files around might.
+    other = run_stage(smoke("stage=collect", "collect.workers=1", "env.image_size=96", "collect.episodes=2"))
+    # Put the 96px shard among the 64px ones, as a user copying files around might.
     run_id = run_stage(smoke("stage=collect", "collect.workers=1", "seed=3"))
     shutil.copyfile(
         tracking.artifact_path(other, "shards/shard_00000.h5"),
         tracking.artifact_path(run_id, "shards/shard_00001.h5"),
     )
     files_before = _outputs_after(smoke, run_id)
-    with pytest.raises(WorldModelError, match="32px") as err:
+    with pytest.raises(WorldModelError, match="96px") as err:
         run_stage(smoke("stage=merge", f"inputs.collect={run_id}"))
     assert "shard_00001.h5" in str(err.value)
     assert _outputs_after(smoke, run_id) == files_before
-    with pytest.raises(WorldModelError, match="image_size=32"):
-        run_stage(smoke("stage=merge", f"inputs.collect={other}"))  # a 32px run for a 64px config
+    with pytest.raises(WorldModelError, match="image_size=96"):
+        run_stage(smoke("stage=merge", f"inputs.collect={other}"))  # a 96px run for a 64px config
 
 
 def test_merge_names_a_missing_upstream_run(smoke):

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import compose_config
 from worldmodel import tracking
 from worldmodel.config import PROJECT_ROOT
-from worldmodel.data import rollouts
+from worldmodel.data import latents, rollouts
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
 
@@ -230,6 +230,12 @@ def test_checksums_catch_damage_in_the_merged_dataset(tmp_path):
     damage_a_chunk(dataset, "actions", 0)
     with pytest.raises(WorldModelError, match="damaged data in dataset 'actions', episode 0"):
         rollouts.verify(dataset, "re-run merge")
+    for chunk in range(0, 16, 2):  # images of every episode, wherever the split put it
+        damage_a_chunk(dataset, "images", chunk)
+    with pytest.raises(WorldModelError, match="dataset.h5: cannot be read .*run merge again") as err:
+        run_stage(own_store(tmp_path, "stage=train_vae", f"inputs.merge={merge}", "train_vae.num_workers=1"))
+    one_line(err)
+    assert the_run(tmp_path, "train_vae").info.status == "FAILED"
 
 
 # ---- 5: foreign and mismatched files -------------------------------------------------------------------
@@ -282,7 +288,7 @@ def test_resume_keeps_the_upstream_run_it_started_with(smoke, encode_run, vae_ru
 
 @pytest.mark.parametrize("stage", ["merge", "encode", "evaluate", "dream"])
 def test_stages_without_resume_refuse_it(stage):
-    with pytest.raises(WorldModelError, match=f"inputs.resume.*{stage} cannot resume a run; run it again"):
+    with pytest.raises(WorldModelError, match=f"inputs.resume.*{stage} cannot resume a run"):
         run_stage(compose_config("experiment=smoke", f"stage={stage}", "inputs.resume=abc"))
 
 
@@ -349,3 +355,32 @@ def test_collect_refuses_bad_settings_before_any_work(tmp_path, override, key):
 def test_true_is_not_an_integer():
     with pytest.raises(WorldModelError, match="config key 'evolve.popsize'"):
         run_stage(compose_config("experiment=smoke", "stage=evolve", "evolve.popsize=true"))
+
+
+# ---- 9: bounded memory ---------------------------------------------------------------------------------
+
+
+def test_latents_are_streamed_a_bounded_number_of_episodes_at_a_time(smoke, encode_run):
+    tracking.setup(smoke())
+    path = tracking.artifact_path(encode_run, "latents.h5")
+    order = np.array([3, 0, 2, 1])
+    chunks = list(latents.stream(path, order, per_read=3))
+    assert [len(c["lengths"]) for c in chunks] == [3, 1]
+    with h5py.File(path, "r") as f:
+        for name in ("mu", "actions", "dones"):
+            np.testing.assert_array_equal(np.concatenate([c[name] for c in chunks]), f[name][:][order])
+        mu0, logvar0 = latents.first_steps(path, order)
+        np.testing.assert_array_equal(mu0, f["mu"][:, 0][order])
+        np.testing.assert_array_equal(logvar0, f["logvar"][:, 0][order])
+
+
+def test_train_rnn_with_a_buffer_smaller_than_the_data_is_deterministic(smoke, encode_run):
+    cfg = (
+        "stage=train_rnn",
+        f"inputs.encode={encode_run}",
+        "train_rnn.epochs=2",
+        "train_rnn.buffer_episodes=2",
+    )
+    a, b = (mlflow.get_run(run_stage(smoke(*cfg))).data.metrics for _ in range(2))
+    for key in ("train/nll", "val/nll", "val/baseline_nll"):
+        assert np.isfinite(a[key]) and a[key] == b[key], key

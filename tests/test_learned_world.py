@@ -105,12 +105,12 @@ def test_latent_size_mismatch_is_one_line(smoke, vae_run):
 
 
 def test_image_size_mismatch_is_one_line(smoke, vae_run):
-    small = run_stage(smoke("stage=collect", "env.image_size=32", "collect.episodes=2", "collect.workers=1"))
-    merged = run_stage(smoke("stage=merge", "env.image_size=32", f"inputs.collect={small}"))
-    with pytest.raises(WorldModelError, match="32px frames but VAE run .* takes 64px"):
+    small = run_stage(smoke("stage=collect", "env.image_size=96", "collect.episodes=2", "collect.workers=1"))
+    merged = run_stage(smoke("stage=merge", "env.image_size=96", f"inputs.collect={small}"))
+    with pytest.raises(WorldModelError, match="96px frames but VAE run .* takes 64px"):
         run_stage(smoke("stage=encode", f"inputs.train_vae={vae_run}", f"inputs.merge={merged}"))
     with pytest.raises(WorldModelError, match="env.image_size"):
-        run_stage(smoke("stage=train_vae", "env.image_size=32"))
+        run_stage(smoke("stage=train_vae", "env.image_size=50"))
 
 
 def test_train_vae_resumes_from_its_last_epoch(smoke, merge_run):

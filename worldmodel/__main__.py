@@ -11,7 +11,7 @@ import threading
 import hydra
 from omegaconf import DictConfig
 
-from worldmodel.config import CONFIG_DIR
+from worldmodel.config import CONFIG_DIR, RESUMABLE
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
 
@@ -47,13 +47,9 @@ def app(cfg: DictConfig) -> None:
         log.error("%s: %s", cfg.stage.name, err)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        why = str(err) or "SIGINT"
-        log.error(
-            "%s: interrupted (%s); its MLflow run ends KILLED: resume it with inputs.resume=<run id>"
-            " where the stage supports it, or run it again",
-            cfg.stage.name,
-            why,
-        )
+        why, stage = str(err) or "SIGINT", str(cfg.stage.name)
+        how = "resume it with inputs.resume=<its run id>" if stage in RESUMABLE else "run it again"
+        log.error("%s: interrupted (%s); its MLflow run ends KILLED: %s", stage, why, how)
         sys.exit(128 + getattr(signal, why, signal.SIGINT))
 
 

@@ -14,6 +14,8 @@ from worldmodel.errors import WorldModelError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream")
+# Stages that can continue a run (inputs.resume); the others are quick to run again.
+RESUMABLE = ("collect", "train_vae", "train_rnn", "evolve")
 
 
 def register_resolvers() -> None:
@@ -81,9 +83,14 @@ def one_of(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:
     check(cfg, key, lambda v: v in choices, f"one of {choices}")
 
 
-def no_resume(cfg: DictConfig, stage: str) -> None:
-    """For stages that cannot continue a run: inputs.resume would be silently ignored otherwise."""
-    check(cfg, "inputs.resume", lambda v: v is None, f"null: {stage} cannot resume a run; run it again")
+def resumable(cfg: DictConfig, stage: str) -> None:
+    """inputs.resume only for a stage that can continue a run (it would be silently ignored otherwise)."""
+    check(
+        cfg,
+        "inputs.resume",
+        lambda v: v is None or stage in RESUMABLE,
+        f"null: {stage} cannot resume a run (only {', '.join(RESUMABLE)} can); run it again",
+    )
 
 
 def validate_common(cfg: DictConfig) -> None:
@@ -93,3 +100,5 @@ def validate_common(cfg: DictConfig) -> None:
     check(cfg, "env.crop_bottom", lambda v: is_int(v) and 0 <= v < 96, "an integer in [0, 96)")
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
+    if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage
+        resumable(cfg, cfg.stage.name)

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.config import PROJECT_ROOT, flatten
+from worldmodel.config import PROJECT_ROOT, RESUMABLE, flatten
 from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
@@ -369,9 +369,13 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
                 f"inputs.{stage}={run_id} is a '{run.data.tags.get('stage')}' run, not a {stage} run"
             )
         if run.info.status != "FINISHED":
+            how = (
+                f"resume it with `stage={stage} inputs.resume={run_id}`"
+                if stage in RESUMABLE
+                else "run it again"
+            )
             raise WorldModelError(
-                f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; "
-                "resume it with inputs.resume=<id> or pick another run"
+                f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; {how} or pick another run"
             )
         for key, want in compat.items():
             have = run.data.tags.get(key)

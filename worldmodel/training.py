@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,17 @@ from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+
+
+@contextlib.contextmanager
+def reading(path: Path, hint: str) -> Iterator[None]:
+    """Turn a read error of an input file (a damaged chunk fails its checksum or decompression, in this
+    process or in a DataLoader worker) into one line naming the file and what to do."""
+    try:
+        yield
+    except OSError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise WorldModelError(f"{path}: cannot be read ({lines[-1] if lines else err!r}); {hint}") from err
 
 
 def pick_device(cfg: DictConfig) -> torch.device:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from worldmodel import policies, tracking, training
 from worldmodel.agent import load_controller, load_rnn, load_vae
-from worldmodel.config import check, no_resume, one_of, positive_int
+from worldmodel.config import check, one_of, positive_int
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    no_resume(cfg, "dream")
     one_of(cfg, "dream.mode", ["replay", "free"])
     positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
     check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")
@@ -62,11 +61,11 @@ def run(cfg: DictConfig) -> str:
         upstream["evolve"] = evolve_run.info.run_id
     lat_path = tracking.artifact_path(encode_run.info.run_id, "latents.h5")
     latents.inspect(lat_path, int(cfg.latent.size))
-    dataset = tracking.artifact_path(encode_run.data.tags["upstream.merge"], "dataset.h5")
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
         out_dir, in_place = tracking.local_artifact_dir("gifs")
         if cfg.dream.mode == "replay":
+            dataset = tracking.artifact_path(encode_run.data.tags["upstream.merge"], "dataset.h5")
             _replay(cfg, vae, rnn, lat_path, dataset, out_dir, in_place)
         else:
             _free(cfg, vae, rnn, controller, lat_path, out_dir, in_place)

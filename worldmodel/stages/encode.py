@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.agent import load_vae
-from worldmodel.config import no_resume, positive_int
+from worldmodel.config import positive_int
 from worldmodel.data import latents
 from worldmodel.data.rollouts import inspect
 from worldmodel.errors import WorldModelError
@@ -29,7 +29,6 @@ LATENTS = "latents.h5"
 
 
 def validate(cfg: DictConfig) -> None:
-    no_resume(cfg, "encode")
     positive_int(cfg, "encode.batch_size")
 
 
@@ -69,7 +68,8 @@ def run(cfg: DictConfig) -> str:
         batch = int(cfg.encode.batch_size)
         t0, frames = time.perf_counter(), 0
         try:
-            with h5py.File(dataset, "r") as src, torch.inference_mode():
+            damaged = f"the dataset is damaged: run merge again (merge run {merge_run.info.run_id})"
+            with training.reading(dataset, damaged), h5py.File(dataset, "r") as src, torch.inference_mode():
                 for name in ("actions", "rewards", "dones", "lengths", "split/train", "split/val"):
                     if name in out:
                         out[name][:] = src[name][:]

@@ -14,12 +14,11 @@ from omegaconf import DictConfig
 
 from worldmodel import tracking, training
 from worldmodel.agent import load_controller
-from worldmodel.config import check, is_int, no_resume, positive_int
+from worldmodel.config import check, is_int, positive_int
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
 
 
 def validate(cfg: DictConfig) -> None:
-    no_resume(cfg, "evaluate")
     positive_int(cfg, "evaluate.episodes", "evaluate.envs_per_worker", "env.episode_steps")
     check(cfg, "evaluate.gif_steps", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     for key in ("evaluate.max_steps", "evaluate.workers"):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from worldmodel import tracking
-from worldmodel.config import check, is_int, no_resume, positive_int
+from worldmodel.config import check, is_int, positive_int
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
@@ -26,7 +26,6 @@ DATASET = "dataset.h5"
 
 
 def validate(cfg: DictConfig) -> None:
-    no_resume(cfg, "merge")
     check(
         cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"
     )

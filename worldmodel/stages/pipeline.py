@@ -21,7 +21,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
-from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, positive_int
+from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, positive_int, resumable
 from worldmodel.seeds import ROUND, seed_of
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ ROUND_STAGES = ("collect", "merge", "encode", "train_rnn", "evolve", "evaluate")
 
 def validate(cfg: DictConfig) -> None:
     stages = stage_range(cfg)
+    resumable(cfg, stages[0])
     for i, name in enumerate(stages):
         importlib.import_module(f"worldmodel.stages.{name}").validate(cfg if i == 0 else _fresh(cfg))
     check(cfg, "pipeline.rounds", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")

@@ -83,7 +83,9 @@ def run(cfg: DictConfig) -> str:
             persistent_workers=False,
             pin_memory=device.type == "cuda",
         )
-        val_frames = _validation_frames(dataset, int(hp.val_frames))
+        damaged = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
+        with training.reading(dataset, damaged):
+            val_frames = _validation_frames(dataset, int(hp.val_frames))
         grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
 
@@ -91,14 +93,16 @@ def run(cfg: DictConfig) -> str:
             train.set_epoch(epoch)
             model.train()
             sums, frames, t0 = np.zeros(3), 0, time.perf_counter()
-            for batch in tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False):
-                x = to_input(batch.to(device, non_blocking=True))
-                out = vae_loss(x, *model(x), float(hp.kl_tolerance))
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-                sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
-                frames += len(x)
+            batches = tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False)
+            with training.reading(dataset, damaged):
+                for batch in batches:
+                    x = to_input(batch.to(device, non_blocking=True))
+                    out = vae_loss(x, *model(x), float(hp.kl_tolerance))
+                    optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    optimizer.step()
+                    sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
+                    frames += len(x)
             elapsed = time.perf_counter() - t0
             val = evaluate(model, val_frames, device, float(hp.kl_tolerance), int(hp.batch_size))
             train_m = sums / max(frames, 1)
