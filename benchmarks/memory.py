@@ -129,26 +129,18 @@ def main() -> None:
                 "train_rnn.mixtures=5",
             )
             rnn = latest(store, "train_rnn")
-            if "evolve" in args.stages:
-                row["evolve_dream_mb"], row["evolve_dream_s"], _ = peak_mb(
-                    store,
-                    *common,
-                    "stage=evolve",
-                    f"inputs.train_rnn={rnn}",
+            later = {
+                "evolve": (
                     "evolve.mode=dream",
                     "evolve.generations=1",
                     "evolve.real_check_every=0",
                     "evolve.eval_episodes=0",
-                )
-            if "dream" in args.stages:
-                row["dream_mb"], row["dream_s"], _ = peak_mb(
-                    store,
-                    *common,
-                    "stage=dream",
-                    f"inputs.train_rnn={rnn}",
-                    "dream.mode=free",
-                    "dream.use_controller=false",
-                )
+                ),
+                "dream": ("dream.mode=free", "dream.use_controller=false"),
+            }
+            for stage in [s for s in later if s in args.stages]:
+                overrides = (*common, f"stage={stage}", f"inputs.train_rnn={rnn}", *later[stage])
+                row[f"{stage}_mb"], row[f"{stage}_s"], _ = peak_mb(store, *overrides)
             print(json.dumps(row))
             rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

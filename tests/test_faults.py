@@ -7,6 +7,7 @@ that names the problem, a non-zero exit, and no changed or lost data.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -135,22 +136,26 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_crafted_cma_state_runs_no_code(smoke, rnn_run, tmp_path):
+def interrupted_evolve(smoke, rnn_run: str, generations: int) -> tuple[str, tuple[str, ...]]:
+    """An evolve run stopped after `generations` (KILLED), and the overrides that resume it."""
     common = (
         "stage=evolve",
         f"inputs.train_rnn={rnn_run}",
         "evolve.real_check_every=0",
         "evolve.eval_episodes=0",
     )
-    first = run_stage(smoke(*common, "evolve.generations=1"))
+    first = run_stage(smoke(*common, f"evolve.generations={generations}"))
     MlflowClient().set_terminated(first, "KILLED")
+    return first, common
+
+
+def test_a_crafted_cma_state_runs_no_code(smoke, rnn_run, tmp_path):
+    first, common = interrupted_evolve(smoke, rnn_run, 1)
     history = tracking.artifact_path(first, "cma/history.npz")
     marker = tmp_path / "pwned"
     # An object array in the npz would need pickle to load; the old pickle state file is never read.
     np.savez(history.with_suffix(".npz.tmp"), fitness=np.array([Payload(marker)], dtype=object), digest=[])
     os.replace(history.with_suffix(".npz.tmp.npz"), history)
-    import pickle
-
     (history.parent / "state.pkl").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(WorldModelError, match="cma/history.npz is not a CMA-ES history") as err:
         run_stage(smoke(*common, "evolve.generations=2", f"inputs.resume={first}"))
@@ -159,14 +164,7 @@ def test_a_crafted_cma_state_runs_no_code(smoke, rnn_run, tmp_path):
 
 
 def test_a_tampered_cma_history_does_not_replay(smoke, rnn_run):
-    common = (
-        "stage=evolve",
-        f"inputs.train_rnn={rnn_run}",
-        "evolve.real_check_every=0",
-        "evolve.eval_episodes=0",
-    )
-    first = run_stage(smoke(*common, "evolve.generations=2"))
-    MlflowClient().set_terminated(first, "KILLED")
+    first, common = interrupted_evolve(smoke, rnn_run, 2)
     path = tracking.artifact_path(first, "cma/history.npz")
     with np.load(path) as f:
         fitness, digest = f["fitness"], f["digest"]
