@@ -1,5 +1,7 @@
-"""World Models (Ha & Schmidhuber, 2018) on CarRacing-v3: Hydra stages tracked in MLflow."""
+"""World Models (Ha & Schmidhuber, 2018) on gymnasium pixels: Hydra stages tracked in MLflow."""
 
+from worldmodel import command
 from worldmodel.config import register_resolvers
 
 register_resolvers()
+command.install()  # python -m worldmodel.stage=<name> …
