@@ -107,8 +107,8 @@ def run_all(store: Path) -> None:
     fast_env = make_env(base.env)
 
     # 1. The renderer: steps/s of the fast env against the stock env, same core, alternating.
-    stock = best_of(lambda: steps_per_s(stock_env, 300))
-    fast = best_of(lambda: steps_per_s(fast_env, 300))
+    stock = best_of(lambda: steps_per_s(stock_env.env, 300))
+    fast = best_of(lambda: steps_per_s(fast_env.env, 300))
     record("env steps/s, fast renderer (vs stock)", fast, stock, ">=2.5")
 
     # 2. collect with N workers against N × one process stepping the raw (fast) env.
@@ -231,10 +231,10 @@ def run_all(store: Path) -> None:
         agent = Agent(vae, rnn, controller, slots)
         agent.set_params(params[:slots])
         t = time.perf_counter()
-        done = play(envs[:slots], agent, list(range(slots)), 300, 12, 64)
+        done = play(envs[:slots], agent, list(range(slots)), 300)
         return sum(r.steps for r in done) / (time.perf_counter() - t)
 
-    raw = best_of(lambda: steps_per_s(fast_env, 300))
+    raw = best_of(lambda: steps_per_s(fast_env.env, 300))
     record(
         "evolve real-mode steps/s per worker, 1 env (vs raw env)",
         best_of(lambda: worker_rate(1)),

@@ -51,7 +51,7 @@ def test_presets_validate_and_end_with_evaluate_on_enough_tracks(preset):
 
 def test_defaults_follow_the_design():
     cfg = compose_config()
-    assert (cfg.env.id, cfg.env.image_size, cfg.env.crop_bottom) == ("CarRacing-v3", 64, 12)
+    assert (cfg.env.id, cfg.env.image_size, cfg.env.crop.bottom) == ("CarRacing-v3", 64, 12)
     assert cfg.policy.name == "pseudo_random" and cfg.latent.size == 32
     assert cfg.collect.max_steps == 1000
 

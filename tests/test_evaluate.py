@@ -38,16 +38,16 @@ def test_lockstep_play_is_deterministic_and_stops_stalled_rollouts():
     params[1, -2:] = [-10.0, 10.0]  # biases: no gas, full brake: the car never reaches a new tile
     envs = [make_env(ENV) for _ in range(3)]
     agent.set_params(params)
-    first = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=30, record=4)
+    first = play(envs, agent, [5, 6, 7], 120, stall_steps=30, record=4)
     agent.set_params(params)
-    again = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=30)
+    again = play(envs, agent, [5, 6, 7], 120, stall_steps=30)
     assert [r.score for r in first] == [r.score for r in again]
     # The first step reaches the start tile (+1000/N); 30 steps without another end the rollout.
     assert first[1].stalled and first[1].steps == 31 and first[1].score > 0
     assert all(r.steps <= 120 for r in first)
     assert len(first[0].frames) == 4 and first[0].frames[0].shape == (64, 128, 3), "real | reconstruction"
     agent.set_params(params)
-    unstopped = play(envs, agent, [5, 6, 7], 120, 12, 64, stall_steps=0)
+    unstopped = play(envs, agent, [5, 6, 7], 120, stall_steps=0)
     assert unstopped[1].steps == 120 and not unstopped[1].stalled, "stall_steps=0 never cuts an episode"
 
 

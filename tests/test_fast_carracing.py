@@ -4,12 +4,11 @@ every pixel of the cropped frame, over several tracks."""
 import gymnasium as gym
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
-from worldmodel.envs import make_env
+from worldmodel.envs import action_space, make_env
 from worldmodel.fast_carracing import FastCarRacing, register_fast_env
-from worldmodel.policies import PseudoRandomPolicy
+from worldmodel.policies import make_policy
 
 VERIFIED = ((1, 4), (1, 5))  # gymnasium versions [from, to) this renderer was checked against
 
@@ -28,7 +27,8 @@ def _compare(seed: int, steps: int) -> None:
     assert isinstance(fast.unwrapped, FastCarRacing)
     a, _ = stock.reset(seed=seed)
     b, _ = fast.reset(seed=seed)
-    policy = PseudoRandomPolicy(OmegaConf.create(compose_config().policy), np.random.default_rng(seed))
+    cfg = compose_config()
+    policy = make_policy(cfg.policy, action_space(cfg.env), np.random.default_rng(seed))
     for t in range(steps):
         action = policy.act(None, t)
         a, ra, ta, tra, _ = stock.step(action)

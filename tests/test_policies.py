@@ -2,13 +2,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import compose_config
+from worldmodel.envs import action_space
 from worldmodel.policies import make_policy
 
 LOW, HIGH = np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32)
 
 
-def policy(name, seed=0):
-    return make_policy(compose_config(f"policy={name}").policy, np.random.default_rng(seed), LOW, HIGH)
+def policy(name, seed=0, env="carracing"):
+    cfg = compose_config(f"env={env}", f"policy={name}")
+    return make_policy(cfg.policy, action_space(cfg.env), np.random.default_rng(seed))
 
 
 def test_pseudo_random_warmup_hold_and_split():
@@ -73,3 +75,35 @@ def test_same_seed_same_actions():
     b = np.array([q.act(None, t).copy() for t in range(400)])
     c = np.array([other.act(None, t).copy() for t in range(400)])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_hold_random_holds_one_hot_actions_and_starts_anywhere_on_the_track():
+    p = policy("hold_random", env="cartpole")
+    actions, decisions = [], []
+    for t in range(3000):
+        actions.append(p.act(None, t))
+        decisions.append(p.until)
+    actions = np.array(actions)
+    assert actions.shape == (3000, 2) and set(actions.sum(1)) == {1.0}, "one-hot"
+    holds = np.diff(np.unique(decisions))
+    assert holds.min() == 1 and holds.max() == 6, "each draw is held 1 to 6 steps"
+    assert 0.4 < actions[:, 0].mean() < 0.6
+    starts = np.array([p.start_state() for _ in range(2000)])
+    assert starts.shape == (2000, 4) and starts[:, 0].min() < -1.8 and starts[:, 0].max() > 1.8
+
+
+@pytest.mark.parametrize(
+    ("env", "name"), [("cartpole", "pseudo_random"), ("cartpole", "brownian"), ("carracing", "hold_random")]
+)
+def test_a_policy_that_does_not_fit_the_env_is_one_line(env, name):
+    from worldmodel.errors import WorldModelError
+    from worldmodel.policies import validate
+
+    with pytest.raises(WorldModelError, match=f"policy={name} cannot act in env={env}") as err:
+        validate(compose_config(f"env={env}", f"policy={name}"))
+    assert "\n" not in str(err.value)
+
+
+def test_random_policy_in_a_discrete_env_gives_one_hot_actions():
+    actions = np.array([policy("random", env="cartpole").act(None, t) for t in range(100)])
+    assert actions.shape == (100, 2) and np.all(actions.sum(1) == 1)

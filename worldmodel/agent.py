@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from worldmodel.checkpoints import load_module
-from worldmodel.envs import preprocess
+from worldmodel.envs import PixelEnv
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE, to_input
@@ -95,12 +94,10 @@ class Rollout:
 
 
 def play(
-    envs: Sequence[gym.Env],
+    envs: Sequence[PixelEnv],
     agent: Agent,
     seeds: Sequence[int],
     max_steps: int,
-    crop_bottom: int,
-    image_size: int,
     stall_steps: int = 0,
     record: int = 0,
 ) -> list[Rollout]:
@@ -112,10 +109,7 @@ def play(
     n = len(seeds)
     if n > agent.slots or n > len(envs):
         raise ValueError(f"{n} episodes for {agent.slots} agent slots and {len(envs)} envs")
-    frames = np.zeros((n, image_size, image_size, 3), np.uint8)
-    for i, seed in enumerate(seeds):
-        obs, _ = envs[i].reset(seed=int(seed))
-        frames[i] = preprocess(obs, crop_bottom, image_size)
+    frames = np.stack([envs[i].reset(seed=int(seed)) for i, seed in enumerate(seeds)])
     agent.reset()
     out = [Rollout(0.0, 0) for _ in seeds]
     idle = [0] * n  # steps since the last positive reward
@@ -127,15 +121,15 @@ def play(
             for k, i in enumerate(active):
                 out[i].frames.append(np.concatenate([frames[i], recon[k]], axis=1))
         for k, i in enumerate(list(active)):
-            obs, reward, terminated, truncated, _ = envs[i].step(actions[k])
-            out[i].score += float(reward)
+            frame, reward, terminated, truncated = envs[i].step(actions[k])
+            out[i].score += reward
             out[i].steps += 1
             idle[i] = 0 if reward > 0 else idle[i] + 1
             out[i].stalled = bool(stall_steps) and idle[i] >= stall_steps and not (terminated or truncated)
             if terminated or truncated or out[i].stalled:
                 active.remove(i)
             else:
-                frames[i] = preprocess(obs, crop_bottom, image_size)
+                frames[i] = frame
         if not active:
             break
     return out

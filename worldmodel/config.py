@@ -97,7 +97,10 @@ def validate_common(cfg: DictConfig) -> None:
     """Settings every stage relies on."""
     check(cfg, "seed", lambda v: is_int(v) and v >= 0, "a non-negative integer")
     positive_int(cfg, "env.image_size", "latent.size")
-    check(cfg, "env.crop_bottom", lambda v: is_int(v) and 0 <= v < 96, "an integer in [0, 96)")
+    for side in ("top", "bottom", "left", "right"):
+        check(cfg, f"env.crop.{side}", lambda v: is_int(v) and v >= 0, "an integer ≥ 0 (pixels removed)")
+    one_of(cfg, "env.frames", ["observation", "render"])
+    one_of(cfg, "env.action.kind", ["box", "discrete"])
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
     if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage

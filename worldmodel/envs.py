@@ -1,26 +1,108 @@
-"""Env factory and frame preprocessing (seed 000: crop the dashboard, LANCZOS resize)."""
+"""Envs seen through pixels, built from the env config alone (`conf/env/<name>.yaml`).
+
+What differs between envs lives in that config, not in code branches: where frames come from
+(`frames: observation`, CarRacing's 96×96 state pixels, or `render`, `env.render()` in rgb_array mode),
+the crop (`crop`: rows and columns removed from each side), the frame size, and the actions. Actions are
+stored and fed to the MDN-RNN as float vectors of `action_dim`: the env's own box actions, or for a
+discrete env a one-hot vector, turned back into the action's index when stepping the env. CarRacing's
+`fast_render` picks worldmodel's faster renderer with identical kept pixels.
+
+Frames are cropped and resized to image_size × image_size with LANCZOS (seed 000); uint8 HWC.
+"""
 
 from __future__ import annotations
 
+import os
 import gymnasium as gym
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-
-def make_env(env_cfg: DictConfig) -> gym.Env:
-    """The gymnasium env; observations are the 96×96 RGB state pixels. For CarRacing-v3,
-    `env.fast_render` (default) picks the faster renderer with identical kept pixels."""
-    if env_cfg.get("fast_render", False) and env_cfg.id == "CarRacing-v3":
-        from worldmodel.fast_carracing import register_fast_env
-
-        return gym.make(register_fast_env())
-    return gym.make(str(env_cfg.id))
+from worldmodel.errors import WorldModelError
 
 
-def preprocess(obs: np.ndarray, crop_bottom: int, size: int) -> np.ndarray:
-    """Crop `crop_bottom` rows (the dashboard) and resize to size×size with LANCZOS; uint8 HWC."""
-    if crop_bottom:
-        obs = obs[:-crop_bottom]
-    image = Image.fromarray(np.ascontiguousarray(obs))
+class ActionSpace:
+    """The actions as worldmodel stores them: `box` (continuous, within [low, high]) or `discrete`
+    (one-hot vectors of `dim`). A plain class: Hydra's instantiate passes it to policies untouched."""
+
+    def __init__(self, kind: str, dim: int, low: np.ndarray, high: np.ndarray) -> None:
+        self.kind, self.dim, self.low, self.high = kind, dim, low, high
+
+
+def action_space(env_cfg: DictConfig) -> ActionSpace:
+    """The actions the env config declares (`env.action`), known without building the env."""
+    a = env_cfg.action
+    if a.kind == "discrete":
+        return ActionSpace(
+            "discrete", int(a.n), np.zeros(int(a.n), np.float32), np.ones(int(a.n), np.float32)
+        )
+    low, high = np.asarray(a.low, np.float32), np.asarray(a.high, np.float32)
+    return ActionSpace("box", len(low), low, high)
+
+
+def _check_space(declared: ActionSpace, space: gym.Space, env_id: str) -> None:
+    if isinstance(space, gym.spaces.Discrete):
+        ok = declared.kind == "discrete" and declared.dim == int(space.n)
+    else:
+        ok = (
+            declared.kind == "box"
+            and np.array_equal(declared.low, space.low)
+            and np.array_equal(declared.high, space.high)
+        )
+    if not ok:
+        raise WorldModelError(f"config key 'env.action' does not describe {env_id}'s action space {space}")
+
+
+def preprocess(frame: np.ndarray, crop: DictConfig | dict, size: int) -> np.ndarray:
+    """Remove `crop` rows/columns (top, bottom, left, right) and resize to size×size with LANCZOS."""
+    h, w = frame.shape[:2]
+    frame = frame[crop["top"] : h - crop["bottom"], crop["left"] : w - crop["right"]]
+    image = Image.fromarray(np.ascontiguousarray(frame))
     return np.array(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+class PixelEnv:
+    """A gymnasium env whose `reset` and `step` return preprocessed frames and take stored actions."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.from_render = cfg.frames == "render"
+        if cfg.get("fast_render", False):
+            from worldmodel.fast_carracing import register_fast_env
+
+            self.env = gym.make(register_fast_env())
+        else:
+            if self.from_render:  # pygame draws off-screen; without this SDL looks for a display
+                os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+            self.env = gym.make(str(cfg.id), render_mode="rgb_array" if self.from_render else None)
+        self.space = action_space(cfg)
+        _check_space(self.space, self.env.action_space, str(cfg.id))
+        self.crop, self.size = dict(cfg.crop), int(cfg.image_size)
+
+    @property
+    def unwrapped(self) -> gym.Env:
+        return self.env.unwrapped
+
+    def _frame(self, obs: np.ndarray) -> np.ndarray:
+        return preprocess(self.env.render() if self.from_render else obs, self.crop, self.size)
+
+    def reset(self, seed: int | None = None, state: np.ndarray | None = None) -> np.ndarray:
+        """A new episode (from `state` when given, for envs whose state can be set, e.g. CartPole)."""
+        obs, _ = self.env.reset(seed=seed)
+        if state is not None:
+            self.env.unwrapped.state = np.asarray(state, dtype=np.float64)
+            obs = np.asarray(state, dtype=np.float32)
+        return self._frame(obs)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        """A stored action (a box action, or a one-hot vector) → frame, reward, terminated, truncated."""
+        env_action = int(np.argmax(action)) if self.space.kind == "discrete" else action
+        obs, reward, terminated, truncated, _ = self.env.step(env_action)
+        return self._frame(obs), float(reward), bool(terminated), bool(truncated)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_env(env_cfg: DictConfig) -> PixelEnv:
+    return PixelEnv(env_cfg)

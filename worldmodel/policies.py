@@ -1,34 +1,87 @@
-"""Action policies for data collection. Each draws only from the generator it is given, so an
-episode's actions depend on its seed alone."""
+"""Action policies for data collection, one class per option of the `policy` config group.
+
+Each option names its class with `_target_` and is built with Hydra's `instantiate`, given the env's
+`ActionSpace` and a generator: adding a policy is a class here and one YAML file. A policy draws only
+from the generator it is given, so an episode's actions depend on its seed alone. `fits` says which
+action spaces it can act in; `check` validates its settings before any episode is played.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from worldmodel.config import check, is_int, one_of, positive_int, positive_number
+from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.envs import ActionSpace, action_space
 from worldmodel.errors import WorldModelError
 
 
-class Policy(Protocol):
+class Policy:
+    """act(frame, t) → the stored action for step t; `start_state` → where an episode starts (None:
+    the env's own reset)."""
+
+    def __init__(self, space: ActionSpace, rng: np.random.Generator, name: str = "") -> None:
+        self.space, self.rng, self.name = space, rng, name
+
+    @staticmethod
+    def fits(space: ActionSpace) -> bool:
+        return True
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Range checks of `policy.*`; one line naming the key."""
+
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
-        """Action for step `t` of the episode, given the preprocessed frame."""
+        raise NotImplementedError
+
+    def start_state(self) -> np.ndarray | None:
+        return None
+
+    def one_hot(self, k: int) -> np.ndarray:
+        out = np.zeros(self.space.dim, np.float32)
+        out[k] = 1.0
+        return out
 
 
-class PseudoRandomPolicy:
-    """Seed 000: a warm-up action, then every `refresh` steps a new one of accelerate / left /
-    right / brake with probabilities `probs` and a magnitude r ~ U(0, 1), held until the next."""
+class PseudoRandomPolicy(Policy):
+    """Seed 000 (CarRacing): a warm-up action, then every `refresh` steps a new one of accelerate /
+    left / right / brake with probabilities `probs` and a magnitude r ~ U(0, 1), held until the next."""
 
-    def __init__(self, cfg: DictConfig, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.warmup = int(cfg.warmup)
-        self.warmup_action = np.asarray(cfg.warmup_action, dtype=np.float32)
-        self.refresh = int(cfg.refresh)
-        self.probs = np.asarray(cfg.probs, dtype=np.float64)
+    def __init__(
+        self,
+        space: ActionSpace,
+        rng: np.random.Generator,
+        warmup: int,
+        warmup_action: Sequence[float],
+        refresh: int,
+        probs: Sequence[float],
+        name: str = "pseudo_random",
+    ) -> None:
+        super().__init__(space, rng, name)
+        self.warmup, self.refresh = int(warmup), int(refresh)
+        self.warmup_action = np.asarray(warmup_action, dtype=np.float32)
+        self.probs = np.asarray(probs, dtype=np.float64)
         self.action = self.warmup_action
+
+    @staticmethod
+    def fits(space: ActionSpace) -> bool:
+        return space.kind == "box" and space.dim == 3  # steer, gas, brake
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_int(cfg, "policy.refresh")
+        check(cfg, "policy.warmup", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
+        check(cfg, "policy.warmup_action", lambda v: len(v) == 3, "three numbers (steer, gas, brake)")
+        check(
+            cfg,
+            "policy.probs",
+            lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
+            "four non-negative probabilities summing to 1",
+        )
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t < self.warmup:
@@ -42,57 +95,140 @@ class PseudoRandomPolicy:
         return self.action
 
 
-class RandomPolicy:
-    """Seeds 003/004: a uniform sample of the action box, held for `refresh` steps."""
+class RandomPolicy(Policy):
+    """Seeds 003/004: a uniform sample of the action box (or a uniform discrete action), held for
+    `refresh` steps."""
 
-    def __init__(self, cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> None:
-        self.rng, self.low, self.high = rng, low, high
-        self.refresh = int(cfg.refresh)
-        self.action = None
+    def __init__(
+        self, space: ActionSpace, rng: np.random.Generator, refresh: int, name: str = "random"
+    ) -> None:
+        super().__init__(space, rng, name)
+        self.refresh = int(refresh)
+        self.action: np.ndarray | None = None
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_int(cfg, "policy.refresh")
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t % self.refresh == 0 or self.action is None:
-            self.action = self.rng.uniform(self.low, self.high).astype(np.float32)
+            if self.space.kind == "discrete":
+                self.action = self.one_hot(int(self.rng.integers(self.space.dim)))
+            else:
+                self.action = self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
         return self.action
 
 
-class BrownianPolicy:
+class BrownianPolicy(Policy):
     """ctallec/world-models: a random walk in the action box, a ← clip(a + √dt · N(0, I))."""
 
-    def __init__(self, cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> None:
-        self.rng, self.low, self.high = rng, low, high
-        self.scale = math.sqrt(float(cfg.dt))
-        self.action = None
+    def __init__(
+        self, space: ActionSpace, rng: np.random.Generator, dt: float, name: str = "brownian"
+    ) -> None:
+        super().__init__(space, rng, name)
+        self.scale = math.sqrt(float(dt))
+        self.action: np.ndarray | None = None
+
+    @staticmethod
+    def fits(space: ActionSpace) -> bool:
+        return space.kind == "box"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_number(cfg, "policy.dt")
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        low, high = self.space.low, self.space.high
         if self.action is None:
-            self.action = self.rng.uniform(self.low, self.high).astype(np.float32)
+            self.action = self.rng.uniform(low, high).astype(np.float32)
         else:
-            step = self.scale * self.rng.standard_normal(self.low.shape)
-            self.action = np.clip(self.action + step, self.low, self.high).astype(np.float32)
+            step = self.scale * self.rng.standard_normal(low.shape)
+            self.action = np.clip(self.action + step, low, high).astype(np.float32)
         return self.action
 
 
-class ControllerPolicy:
+class HoldRandomPolicy(Policy):
+    """For a discrete env whose random play ends fast (CartPole falls in ~20 steps): a uniform action
+    held for a uniform number of steps in [min_hold, max_hold], and episodes started from a state drawn
+    uniformly in [start_low, start_high] (the env's `state`), so the data covers the whole track and
+    large angles, not just the first steps of a fall from the centre."""
+
+    def __init__(
+        self,
+        space: ActionSpace,
+        rng: np.random.Generator,
+        min_hold: int,
+        max_hold: int,
+        start_low: Sequence[float] | None = None,
+        start_high: Sequence[float] | None = None,
+        name: str = "hold_random",
+    ) -> None:
+        super().__init__(space, rng, name)
+        self.min_hold, self.max_hold = int(min_hold), int(max_hold)
+        self.start = None if start_low is None else (np.asarray(start_low), np.asarray(start_high))
+        self.action, self.until = self.one_hot(0), 0
+
+    @staticmethod
+    def fits(space: ActionSpace) -> bool:
+        return space.kind == "discrete"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_int(cfg, "policy.min_hold", "policy.max_hold")
+        check(cfg, "policy.max_hold", lambda v: v >= cfg.policy.min_hold, "≥ policy.min_hold")
+        check(
+            cfg,
+            "policy.start_high",
+            lambda v: (
+                (v is None) == (cfg.policy.start_low is None)
+                and (
+                    v is None
+                    or (
+                        len(v) == len(cfg.policy.start_low) and min(np.subtract(v, cfg.policy.start_low)) >= 0
+                    )
+                )
+            ),
+            "null with start_low, or a list as long as start_low and ≥ it",
+        )
+
+    def start_state(self) -> np.ndarray | None:
+        return None if self.start is None else self.rng.uniform(*self.start)
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        if t == 0 or t >= self.until:
+            self.action = self.one_hot(int(self.rng.integers(self.space.dim)))
+            self.until = t + int(self.rng.integers(self.min_hold, self.max_hold + 1))
+        return self.action
+
+
+class ControllerPolicy(Policy):
     """A controller evolved by an evolve run, acting through its VAE and MDN-RNN (the paper's
-    iterative procedure: collect again with a trained agent). `cfg.paths` holds the checkpoint files,
-    filled in by the collect stage from `policy.run_id`."""
+    iterative procedure: collect again with a trained agent). `paths` holds the checkpoint files,
+    filled in by the collect stage from `run_id`."""
 
     _agents: dict = {}  # one loaded agent per process and checkpoint set
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(
+        self,
+        space: ActionSpace,
+        rng: np.random.Generator,
+        run_id: str | None = None,
+        paths: dict | None = None,
+        name: str = "controller",
+    ) -> None:
+        super().__init__(space, rng, name)
         from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, worker_inference
 
-        if "paths" not in cfg:
+        if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
-        key = (cfg.paths.controller, cfg.paths.vae, cfg.paths.rnn)
+        key = (paths["controller"], paths["vae"], paths["rnn"])
         if key not in self._agents:
             import multiprocessing
 
             if multiprocessing.parent_process() is not None:  # a collect worker: one core each
                 worker_inference()
             self._agents[key] = Agent(
-                load_vae(cfg.paths.vae), load_rnn(cfg.paths.rnn), load_controller(cfg.paths.controller)
+                load_vae(paths["vae"]), load_rnn(paths["rnn"]), load_controller(paths["controller"])
             )
         self.agent = self._agents[key]
 
@@ -103,33 +239,21 @@ class ControllerPolicy:
 
 
 def validate(cfg: DictConfig) -> None:
-    """The policy group's settings, checked before any episode is played."""
-    one_of(cfg, "policy.name", ["pseudo_random", "random", "brownian", "controller"])
-    if cfg.policy.name in ("pseudo_random", "random"):
-        positive_int(cfg, "policy.refresh")
-    if cfg.policy.name == "pseudo_random":
-        check(cfg, "policy.warmup", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-        check(cfg, "policy.warmup_action", lambda v: len(v) == 3, "three numbers (steer, gas, brake)")
-        check(
-            cfg,
-            "policy.probs",
-            lambda v: len(v) == 4 and abs(sum(v) - 1) < 1e-6 and min(v) >= 0,
-            "four non-negative probabilities summing to 1",
+    """The chosen policy exists, fits the env's actions, and has sane settings: before any episode."""
+    try:
+        cls = get_class(str(cfg.policy.get("_target_")))
+    except Exception as err:
+        raise WorldModelError(f"config key 'policy._target_' names no policy class ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise WorldModelError(f"config key 'policy._target_': {cls} is not a worldmodel policy")
+    space = action_space(cfg.env)
+    if not cls.fits(space):
+        raise WorldModelError(
+            f"policy={cfg.policy.name} cannot act in env={cfg.env.name} ({space.kind} actions of "
+            f"dimension {space.dim}); pick another policy"
         )
-    if cfg.policy.name == "brownian":
-        positive_number(cfg, "policy.dt")
+    cls.check(cfg)
 
 
-def make_policy(cfg: DictConfig, rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Policy:
-    name = cfg.name
-    if name == "pseudo_random":
-        return PseudoRandomPolicy(cfg, rng)
-    if name == "random":
-        return RandomPolicy(cfg, rng, low, high)
-    if name == "brownian":
-        return BrownianPolicy(cfg, rng, low, high)
-    if name == "controller":
-        return ControllerPolicy(cfg)
-    raise WorldModelError(
-        f"config key 'policy.name' must be one of pseudo_random, random, brownian, controller (got {name!r})"
-    )
+def make_policy(cfg: DictConfig, space: ActionSpace, rng: np.random.Generator) -> Policy:
+    return instantiate(cfg, space=space, rng=rng, _convert_="all")

@@ -10,10 +10,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.data.rollouts import Episode
-from worldmodel.envs import make_env, preprocess
+from worldmodel.envs import PixelEnv, make_env
 from worldmodel.policies import make_policy
 
-_ENV = None  # one env per worker process, reused across episodes
+_ENVS: dict[str, PixelEnv] = {}  # one env per process and env config, reused across episodes
 
 
 def episode_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
@@ -23,32 +23,32 @@ def episode_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
 
 
 def run_episode(cfg: DictConfig, index: int) -> Episode:
-    global _ENV
-    if _ENV is None:
-        _ENV = make_env(cfg.env)
-    env = _ENV
-    steps, size, crop = int(cfg.collect.max_steps), int(cfg.env.image_size), int(cfg.env.crop_bottom)
+    key = OmegaConf.to_yaml(cfg.env)
+    if key not in _ENVS:
+        _ENVS[key] = make_env(cfg.env)
+    env = _ENVS[key]
+    steps, size = int(cfg.collect.max_steps), int(cfg.env.image_size)
     reset_on_done = bool(cfg.collect.reset_on_done)
     env_seed, rng = episode_seeds(int(cfg.seed), index)
-    policy = make_policy(cfg.policy, rng, env.action_space.low, env.action_space.high)
+    policy = make_policy(cfg.policy, env.space, rng)
 
     images = np.zeros((steps, size, size, 3), np.uint8)
-    actions = np.zeros((steps, env.action_space.shape[0]), np.float32)
+    actions = np.zeros((steps, env.space.dim), np.float32)
     rewards = np.zeros(steps, np.float32)
     dones = np.ones(steps, bool)  # padding after an early end counts as done
-    obs, _ = env.reset(seed=env_seed)
+    frame = env.reset(seed=env_seed, state=policy.start_state())
     length = steps
     for t in range(steps):
-        images[t] = preprocess(obs, crop, size)
-        actions[t] = policy.act(images[t], t)
-        obs, reward, terminated, truncated, _ = env.step(actions[t])
-        rewards[t] = reward
+        images[t] = frame
+        actions[t] = policy.act(frame, t)
+        frame, rewards[t], terminated, truncated = env.step(actions[t])
         dones[t] = terminated or truncated
         if dones[t]:
             if not reset_on_done:
                 length = t + 1
                 break
-            obs, _ = env.reset()  # seed 000: keep going on a new track, the done flag marks the cut
+            # seed 000: keep going on a new track, the done flag marks the cut
+            frame = env.reset(state=policy.start_state())
     return Episode(images, actions, rewards, dones, length, index)
 
 

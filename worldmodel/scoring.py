@@ -35,24 +35,14 @@ log = logging.getLogger(__name__)
 def init_worker(paths: dict[str, str], env_cfg: dict, controller_hparams: dict, slots: int) -> tuple:
     worker_inference()
     agent = Agent(load_vae(paths["vae"]), load_rnn(paths["rnn"]), Controller(**controller_hparams), slots)
-    env_cfg = OmegaConf.create(env_cfg)
-    return [make_env(env_cfg) for _ in range(slots)], agent, env_cfg
+    return [make_env(OmegaConf.create(env_cfg)) for _ in range(slots)], agent
 
 
 def rollout_batch(state: tuple, payload: tuple) -> list[Rollout]:
-    envs, agent, env_cfg = state
+    envs, agent = state
     params, seeds, max_steps, stall_steps, record = payload
     agent.set_params(params)
-    return play(
-        envs,
-        agent,
-        seeds,
-        max_steps,
-        int(env_cfg.crop_bottom),
-        int(env_cfg.image_size),
-        stall_steps,
-        record,
-    )
+    return play(envs, agent, seeds, max_steps, stall_steps, record)
 
 
 class RealScorer:

@@ -10,8 +10,8 @@
 Every dataset carries HDF5 `fletcher32` checksums, so any reader detects a damaged chunk; `verify`
 decompresses every chunk (files written before the checksums are caught by gzip's own check).
 
-Attributes: schema, schema_version, env_id, image_size, crop_bottom, max_steps, reset_on_done,
-policy, seed, run_id. The merged file adds `source_runs` (one per episode, by `source`) and the
+Attributes: schema, schema_version, env_id, image_size, crop ("top,bottom,left,right"), max_steps,
+reset_on_done, policy, seed, run_id. The merged file adds `source_runs` (one per episode, by `source`) and the
 train/validation split as datasets `split/train`, `split/val` (episode indices).
 """
 
@@ -31,7 +31,7 @@ from worldmodel.errors import WorldModelError
 SCHEMA = "worldmodel.rollouts"
 SCHEMA_VERSION = 1
 # Attributes that must agree between files that are merged together.
-SETTINGS = ("env_id", "image_size", "crop_bottom", "max_steps", "reset_on_done")
+SETTINGS = ("env_id", "image_size", "crop", "max_steps", "reset_on_done")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The controller (C): [z, h] → action, parameters as one flat vector for CMA-ES. Pure torch, no I/O.
 
 Linear by default (the paper: 867 parameters for z = 32, h = 256 and 3 actions), or with one tanh
-hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Steering is bounded
-by tanh, gas and brake are mapped into [0, 1].
+hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Box actions are
+tanh-bounded into [low, high] (defaults: CarRacing's, steering in [-1, 1], gas and brake in [0, 1]);
+`discrete` actions are the one-hot argmax of the outputs, read as logits.
 
 `act` evaluates a whole batch of parameter vectors at once, one per row, which is how CMA-ES
 candidates are evaluated together in the dream.
@@ -11,14 +12,29 @@ candidates are evaluated together in the dream.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class Controller(nn.Module):
     def __init__(
-        self, latent: int, hidden: int, action_dim: int = 3, inputs: str = "zh", hidden_units: int = 0
+        self,
+        latent: int,
+        hidden: int,
+        action_dim: int = 3,
+        inputs: str = "zh",
+        hidden_units: int = 0,
+        low: list[float] | None = None,
+        high: list[float] | None = None,
+        discrete: bool = False,
     ) -> None:
         super().__init__()
+        # Without bounds: CarRacing's (checkpoints from before the env config carried them), else [-1, 1].
+        self.low = (
+            list(low) if low is not None else ([-1.0, 0.0, 0.0] if action_dim == 3 else [-1.0] * action_dim)
+        )
+        self.high = list(high) if high is not None else [1.0] * action_dim
+        self.discrete = discrete
         if inputs not in ("zh", "z"):
             raise ValueError(f"inputs must be 'zh' or 'z', got {inputs!r}")
         self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
@@ -44,6 +60,9 @@ class Controller(nn.Module):
             "action_dim": self.action_dim,
             "inputs": self.inputs,
             "hidden_units": self.hidden_units,
+            "low": self.low,
+            "high": self.high,
+            "discrete": self.discrete,
         }
 
     def get_flat(self) -> torch.Tensor:
@@ -74,8 +93,12 @@ class Controller(nn.Module):
         else:
             w, b = layers
             raw = torch.bmm(x.unsqueeze(1), w).squeeze(1) + b
+        if self.discrete:
+            return F.one_hot(raw.argmax(-1), self.action_dim).to(raw.dtype)
         squashed = torch.tanh(raw)
-        return torch.cat([squashed[:, :1], (squashed[:, 1:] + 1) / 2], dim=-1)
+        low, high = torch.tensor(self.low), torch.tensor(self.high)
+        # A symmetric range scales tanh; any other maps [-1, 1] onto [low, high].
+        return torch.where(low == -high, squashed * high, low + (squashed + 1) / 2 * (high - low))
 
     def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """This controller's own parameters on a batch of inputs."""

@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> str:
         attrs = {
             "env_id": str(cfg.env.id),
             "image_size": int(cfg.env.image_size),
-            "crop_bottom": int(cfg.env.crop_bottom),
+            "crop": ",".join(str(cfg.env.crop[k]) for k in ("top", "bottom", "left", "right")),
             "max_steps": int(cfg.collect.max_steps),
             "reset_on_done": bool(cfg.collect.reset_on_done),
             "policy": str(cfg.policy.name),

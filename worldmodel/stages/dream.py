@@ -23,7 +23,7 @@ from worldmodel.config import check, one_of, positive_int
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
-from worldmodel.envs import make_env
+from worldmodel.envs import action_space
 from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample
 from worldmodel.models.vae import VAE
@@ -122,9 +122,8 @@ def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_plac
         returns, visited = dream_rollouts(rnn, controller, params, z0, seeds, steps, temperature, record=True)
     else:  # a policy from the policy group acts on the dream
         generator = torch.Generator().manual_seed(int(cfg.seed))
-        space = make_env(cfg.env).action_space
-        low, high = space.low, space.high
-        policies = [make_policy(cfg.policy, np.random.default_rng(s), low, high) for s in seeds]
+        space = action_space(cfg.env)
+        policies = [make_policy(cfg.policy, space, np.random.default_rng(s)) for s in seeds]
         z, state, visited, returns = z0, rnn.initial_state(n), [], torch.zeros(n)
         for t in range(steps):
             visited.append(z)

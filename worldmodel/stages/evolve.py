@@ -39,6 +39,7 @@ from worldmodel.config import check, is_int, one_of, positive_int, positive_numb
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
 from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.envs import action_space
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
@@ -87,7 +88,22 @@ def run(cfg: DictConfig) -> str:
         "rnn": str(training.checkpoint_path(world.rnn_run.info.run_id)),
     }
     rnn = load_rnn(files["rnn"])
-    controller = Controller(rnn.latent, rnn.hidden, rnn.action_dim, str(hp.inputs), int(hp.hidden))
+    space = action_space(cfg.env)
+    if rnn.action_dim != space.dim:
+        raise WorldModelError(
+            f"MDN-RNN run {world.rnn_run.info.run_id} takes {rnn.action_dim}-d actions but "
+            f"env={cfg.env.name} has {space.dim}; train M on this env's data"
+        )
+    controller = Controller(
+        rnn.latent,
+        rnn.hidden,
+        rnn.action_dim,
+        str(hp.inputs),
+        int(hp.hidden),
+        low=space.low.tolist(),
+        high=space.high.tolist(),
+        discrete=space.kind == "discrete",
+    )
     tags = {
         "latent_size": str(cfg.latent.size),
         "mode": str(hp.mode),
