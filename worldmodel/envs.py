@@ -13,6 +13,7 @@ Frames are cropped and resized to image_size × image_size with LANCZOS (seed 00
 from __future__ import annotations
 
 import os
+
 import gymnasium as gym
 import numpy as np
 from omegaconf import DictConfig
