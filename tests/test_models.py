@@ -120,18 +120,18 @@ def test_sampling_temperature():
 def test_mdn_loss_decreases_on_real_latents(encode_run, smoke):
     from worldmodel import tracking
     from worldmodel.data import latents
-    from worldmodel.stages.train_rnn import batch_tensors, windows
+    from worldmodel.stages.train_rnn import batch_tensors, gather, windows
 
     tracking.setup(smoke())
     data = latents.read(tracking.artifact_path(encode_run, "latents.h5"), np.arange(4))
-    index = windows(data, 8, None)
+    w = gather(data, windows(data, 8), 9)
     torch.manual_seed(0)
     model = MDNRNN(32, 3, hidden=64, mixtures=3)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(60):
-        b = batch_tensors(data, index, 8, g, torch.device("cpu"))
+        b = batch_tensors(w, g, torch.device("cpu"))
         out, _, _ = model(b["z"], b["actions"])
         loss = mdn_loss(out, b["next_z"], b["rewards"], b["dones"], mask=b["mask"])
         opt.zero_grad()

@@ -1,11 +1,14 @@
 """train_rnn: the MDN-RNN on sequences of latents.
 
-Trains on sub-sequences of `train_rnn.seq_len` steps of the training episodes, with z re-sampled from
-`mu`/`logvar` in every batch (as in the paper); validates on the held-out episodes. Episodes are
-streamed from `latents.h5` in a shuffled order, `train_rnn.buffer_episodes` at a time, and the
-windows of each buffer are shuffled: memory is bounded by the buffer, not by the dataset. Next to the model's
-validation NLL it logs that of a simple baseline on the same data, a diagonal Gaussian centred on the
-current z with the best fixed variance, so anyone can see whether the model learned anything.
+Trains on windows of `train_rnn.seq_len` steps, with z re-sampled from `mu`/`logvar` in every batch (as
+in the paper), drawn from seed 002's ring buffer of episodes (`EpisodeBuffer`, capacity
+`train_rnn.buffer_episodes`): the training episodes are streamed from `latents.h5` into it in a
+shuffled order, and each batch is sampled from what it holds, so memory is bounded by the capacity,
+not by the dataset. When every training episode fits, the buffer is filled once and kept. An epoch is
+as many windows as the training episodes hold without overlap. Validation streams the held-out
+episodes in order. Next to the model's validation NLL it logs that of a simple baseline on the same
+data, a diagonal Gaussian centred on the current z with the best fixed variance, so anyone can see
+whether the model learned anything.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
+from worldmodel.data.buffer import EpisodeBuffer
 from worldmodel.data.datasets import episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
@@ -48,35 +53,34 @@ def validate(cfg: DictConfig) -> None:
     check(cfg, "train_rnn.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def windows(data: dict[str, np.ndarray], seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
-    """(episode, start) of non-overlapping windows of seq_len + 1 steps; a random offset per episode
-    when `rng` is given (training), from 0 otherwise (validation)."""
-    out = []
-    for e, length in enumerate(data["lengths"]):
-        span = seq_len + 1
-        offset = int(rng.integers(0, max(1, length - span * (length // span) + 1))) if rng is not None else 0
-        out += [(e, s) for s in range(offset, length - span + 1, span)]
+def windows(data: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
+    """(episode, start) of the non-overlapping windows of seq_len + 1 steps, from each episode's start."""
+    span = seq_len + 1
+    out = [(e, s) for e, length in enumerate(data["lengths"]) for s in range(0, length - span + 1, span)]
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
+STEP_KEYS = ("mu", "logvar", "actions", "rewards", "dones")
+
+
+def gather(data: dict[str, np.ndarray], index: np.ndarray, span: int) -> dict[str, np.ndarray]:
+    """The windows (episode, start) of `index`, `span` steps each, as arrays (B, span, ...)."""
+    e, s = index[:, :1], index[:, 1:] + np.arange(span)
+    return {k: data[k][e, s] for k in STEP_KEYS}
+
+
 def batch_tensors(
-    data: dict[str, np.ndarray],
-    index: np.ndarray,
-    seq_len: int,
-    generator: torch.Generator,
-    device: torch.device,
+    w: dict[str, np.ndarray], generator: torch.Generator, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Inputs and targets for windows `index`; z is sampled from mu/logvar afresh."""
-    span = np.arange(seq_len + 1)
-    e, s = index[:, :1], index[:, 1:] + span
-    mu, logvar = torch.from_numpy(data["mu"][e, s]), torch.from_numpy(data["logvar"][e, s])
+    """Inputs and targets from windows of seq_len + 1 steps; z is sampled from mu/logvar afresh."""
+    mu, logvar = torch.from_numpy(w["mu"]), torch.from_numpy(w["logvar"])
     z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
-    dones = torch.from_numpy(data["dones"][e, s[:, :-1]])
+    dones = torch.from_numpy(w["dones"][:, :-1])
     out = {
         "z": z[:, :-1],
         "next_z": z[:, 1:],
-        "actions": torch.from_numpy(data["actions"][e, s[:, :-1]]),
-        "rewards": torch.from_numpy(data["rewards"][e, s[:, :-1]]),
+        "actions": torch.from_numpy(w["actions"][:, :-1]),
+        "rewards": torch.from_numpy(w["rewards"][:, :-1]),
         "dones": dones,
         "mask": (~dones).float(),
     }
@@ -85,14 +89,13 @@ def batch_tensors(
 
 def batch_loss(
     model: MDNRNN,
-    data: dict[str, np.ndarray],
-    index: np.ndarray,
+    w: dict[str, np.ndarray],
     hp: DictConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], MDNLoss]:
-    """The batch for windows `index` and the model's loss on it."""
-    b = batch_tensors(data, index, int(hp.seq_len), generator, device)
+    """The batch of windows `w` and the model's loss on it."""
+    b = batch_tensors(w, generator, device)
     out, _, _ = model(b["z"], b["actions"])
     loss = mdn_loss(
         out,
@@ -107,6 +110,41 @@ def batch_loss(
     return b, loss
 
 
+def training_batches(
+    buffer: EpisodeBuffer,
+    path: Path,
+    train: np.ndarray,
+    lengths: np.ndarray,
+    hp: DictConfig,
+    rng: np.random.Generator,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of batches: as many windows as the episodes hold without overlap, sampled from the
+    buffer. A buffer smaller than the data takes the episodes as they stream in (shuffled): sampling
+    starts once it is full and keeps pace with the stream after that (a resumed run refills it, so it
+    samples differently from an uninterrupted one)."""
+    span, size = int(hp.seq_len) + 1, int(hp.batch_size)
+    owed = int((lengths[train] // span).sum())
+    if buffer.capacity >= len(train):
+        # Everything fits: fill once, in file order, so that an epoch depends on its own seed alone
+        # (a resumed run samples what an uninterrupted one would).
+        if buffer.size < len(train):
+            for data in latents.stream(path, train, per_read=16):
+                for i, length in enumerate(data["lengths"]):
+                    buffer.add({k: data[k][i] for k in STEP_KEYS}, int(length))
+    else:
+        due = 0
+        for data in latents.stream(path, train[rng.permutation(len(train))], per_read=16):
+            for i, length in enumerate(data["lengths"]):
+                buffer.add({k: data[k][i] for k in STEP_KEYS}, int(length))
+                due += int(length) // span
+                while due >= size and buffer.size == buffer.capacity:
+                    yield buffer.sample(size, span, rng)
+                    due, owed = due - size, owed - size
+    while owed > 0:  # a whole epoch from a buffer that holds everything, or what the stream still owes
+        yield buffer.sample(min(size, owed), span, rng)
+        owed -= size
+
+
 @torch.no_grad()
 def evaluate(
     model: MDNRNN, path: Path, episodes: np.ndarray, cfg: DictConfig, device: torch.device
@@ -117,9 +155,10 @@ def evaluate(
     sums, n, steps = np.zeros(3), 0, 0.0
     sq = torch.zeros(int(cfg.latent.size))  # the baseline's statistics, accumulated: Σ (next_z − z)²
     for data in latents.stream(path, episodes, int(hp.buffer_episodes)):
-        index = windows(data, int(hp.seq_len), None)
+        index = windows(data, int(hp.seq_len))
         for i in range(0, len(index), int(hp.batch_size)):
-            b, loss = batch_loss(model, data, index[i : i + int(hp.batch_size)], hp, generator, device)
+            w = gather(data, index[i : i + int(hp.batch_size)], int(hp.seq_len) + 1)
+            b, loss = batch_loss(model, w, hp, generator, device)
             weight = float(b["mask"].sum())
             sums += np.array(
                 [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
@@ -175,35 +214,30 @@ def run(cfg: DictConfig) -> str:
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
         total_windows = int((info.lengths[train] // (int(hp.seq_len) + 1)).sum())
+        buffer = EpisodeBuffer(int(hp.buffer_episodes))
 
         for epoch in range(start_epoch, int(hp.epochs)):
             model.train()
             rng = np.random.default_rng([int(cfg.seed), epoch])
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             sums, n, t0 = np.zeros(4), 0, time.perf_counter()
+            batches = training_batches(buffer, path, train, info.lengths, hp, rng)
             with tqdm(
                 total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
             ) as bar:
-                for data in latents.stream(path, train[rng.permutation(len(train))], int(hp.buffer_episodes)):
-                    index = windows(data, int(hp.seq_len), rng)
-                    index = index[rng.permutation(len(index))]
-                    for i in range(0, len(index), int(hp.batch_size)):
-                        b, loss = batch_loss(
-                            model, data, index[i : i + int(hp.batch_size)], hp, generator, device
-                        )
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.loss.backward()
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
-                        optimizer.step()
-                        k = len(b["z"])
-                        sums += (
-                            np.array(
-                                [loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()]
-                            )
-                            * k
-                        )
-                        n += k
-                        bar.update(k)
+                for w in batches:
+                    b, loss = batch_loss(model, w, hp, generator, device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
+                    optimizer.step()
+                    k = len(b["z"])
+                    sums += (
+                        np.array([loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()])
+                        * k
+                    )
+                    n += k
+                    bar.update(k)
             elapsed = time.perf_counter() - t0
             metrics = dict(zip(("train/loss", "train/nll", "train/reward_loss", "train/done_loss"), sums / n))
             metrics |= evaluate(model, path, val, cfg, device)
