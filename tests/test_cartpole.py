@@ -1,0 +1,74 @@
+"""env=cartpole: the same stages, driven by the env config alone, on CartPole-v1 from pixels."""
+
+from __future__ import annotations
+
+import h5py
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import compose_config
+from worldmodel import tracking
+from worldmodel.envs import make_env
+from worldmodel.models.controller import Controller
+from worldmodel.stages import run_stage
+
+
+def test_frames_show_the_cart_and_pole_anywhere_on_the_track():
+    env = make_env(compose_config("env=cartpole").env)
+    assert env.space.kind == "discrete" and env.space.dim == 2
+    frames = [env.reset(seed=0, state=np.array([x, 0.0, 0.0, 0.0])) for x in (-2.3, 0.0, 2.3)]
+    for frame in frames:
+        assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+        dark = frame.min(axis=2) < 100  # the black cart
+        assert dark[40:].any(), "the cart is in the band"
+    columns = [np.flatnonzero((f.min(axis=2) < 100).any(axis=0)).mean() for f in frames]
+    assert columns[0] < 10 < columns[1] < 54 < columns[2], "left edge, centre, right edge"
+    upright = env.reset(seed=0, state=np.zeros(4))
+    tilted = env.reset(seed=0, state=np.array([0.0, 0.0, 0.2, 0.0]))
+    assert np.abs(upright.astype(int) - tilted).sum() > 500, "the pole's angle shows in the frame"
+    _, reward, terminated, _ = env.step(np.array([0.0, 1.0], np.float32))
+    assert reward == 1.0 and not terminated
+
+
+def test_the_discrete_controller_acts_by_argmax_one_hot():
+    c = Controller(4, 3, action_dim=2, discrete=True)
+    params = torch.zeros(2, c.n_params)
+    params[0, -2:] = torch.tensor([0.0, 1.0])  # biases: right
+    params[1, -2:] = torch.tensor([1.0, 0.0])  # left
+    actions = c.act(params, torch.zeros(2, 4), torch.zeros(2, 3))
+    assert torch.equal(actions, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert c.hparams["discrete"] is True
+
+
+def test_cartpole_smoke_pipeline(tmp_path):
+    cfg = ("experiment=smoke", "env=cartpole", f"paths.outputs={tmp_path}", "evolve.mode=real")
+    parent = run_stage(compose_config(*cfg, "stage=pipeline"))
+    tracking.setup(compose_config(*cfg))
+    run = mlflow.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert mlflow.get_experiment(run.info.experiment_id).name == "CartPole-v1"
+    children = {
+        c.data.tags["stage"]: c
+        for c in mlflow.search_runs(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+            output_format="list",
+        )
+    }
+    assert all(c.info.status == "FINISHED" for c in children.values()) and len(children) == 8
+    assert children["collect"].data.tags["policy"] == "hold_random"
+    dataset = tracking.artifact_path(children["merge"].info.run_id, "dataset.h5")
+    with h5py.File(dataset, "r") as f:
+        actions = f["actions"][:]
+        assert actions.shape[-1] == 2 and set(np.unique(actions.sum(-1))) == {1.0}, "one-hot actions"
+        assert f.attrs["env_id"] == "CartPole-v1" and f.attrs["crop"] == "160,80,0,0"
+    controller = torch.load(
+        tracking.artifact_path(children["evolve"].info.run_id, "controller.pt"), weights_only=True
+    )
+    assert controller["hparams"]["discrete"] is True and controller["hparams"]["action_dim"] == 2
+    scores = children["evaluate"].data.metrics
+    assert 1 <= scores["eval/score_min"] <= scores["eval/score_max"] <= 500
+    gifs = {a.path for a in MlflowClient().list_artifacts(children["dream"].info.run_id, "gifs")}
+    assert gifs
