@@ -100,6 +100,7 @@ def validate_common(cfg: DictConfig) -> None:
     for side in ("top", "bottom", "left", "right"):
         check(cfg, f"env.crop.{side}", lambda v: is_int(v) and v >= 0, "an integer ≥ 0 (pixels removed)")
     one_of(cfg, "env.frames", ["observation", "render"])
+    one_of(cfg, "env.resample", ["lanczos", "min"])
     one_of(cfg, "env.action.kind", ["box", "discrete"])
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
