@@ -9,7 +9,7 @@ the dashboard text that our preprocessing crops away. This subclass:
   drawn coordinates, and therefore the pixels, are identical;
 - reads tile colours live (a tile's colour array is changed in place when the car first touches it);
 - draws, flips and shrinks only the 700 of 800 window rows above the dashboard, reusing one window
-  surface. The dashboard (the bottom 12 rows of the 96×96 state, which `env.crop_bottom` removes) is
+  surface. The dashboard (the bottom 12 rows of the 96×96 state, which `env.crop.bottom` removes) is
   left black: the rest of the frame is identical to the stock env's.
 
 `tests/test_fast_carracing.py` steps this env beside the stock one and compares every cropped frame,
