@@ -101,6 +101,8 @@ def validate_common(cfg: DictConfig) -> None:
         check(cfg, f"env.crop.{side}", lambda v: is_int(v) and v >= 0, "an integer ≥ 0 (pixels removed)")
     one_of(cfg, "env.frames", ["observation", "render"])
     one_of(cfg, "env.resample", ["lanczos", "min"])
+    if cfg.env.get("fast_render"):  # the fast renderer leaves the dashboard rows black
+        check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
