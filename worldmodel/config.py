@@ -101,6 +101,12 @@ def validate_common(cfg: DictConfig) -> None:
         check(cfg, f"env.crop.{side}", lambda v: is_int(v) and v >= 0, "an integer ≥ 0 (pixels removed)")
     one_of(cfg, "env.frames", ["observation", "render"])
     one_of(cfg, "env.resample", ["lanczos", "min"])
+    check(
+        cfg,
+        "env.pixel_range",
+        lambda v: v is None or (len(v) == 2 and all(is_int(x) for x in v) and 0 <= v[0] < v[1] <= 255),
+        "null or [lo, hi] with 0 ≤ lo < hi ≤ 255",
+    )
     if cfg.env.get("fast_render"):  # the fast renderer leaves the dashboard rows black
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
