@@ -7,8 +7,16 @@ import subprocess
 import sys
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 
 from worldmodel.config import PROJECT_ROOT, STAGES
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_app_run():
+    """runpy runs the Hydra app in this process; other tests must not see its HydraConfig."""
+    yield
+    HydraConfig.instance().cfg = None
 
 
 @pytest.mark.parametrize("stage", [*STAGES, "pipeline"])

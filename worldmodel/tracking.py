@@ -108,7 +108,8 @@ def _hydra_output_dir() -> Path | None:
 
     if not HydraConfig.initialized():
         return None
-    return Path(HydraConfig.get().runtime.output_dir)
+    out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", throw_on_missing=False)
+    return Path(out) if out else None  # unset when the app only printed its config (--cfg)
 
 
 def _check_resume(
