@@ -77,7 +77,7 @@ def test_same_seed_same_actions():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_hold_random_holds_one_hot_actions_and_starts_anywhere_on_the_track():
+def test_hold_random_holds_one_hot_actions_and_starts_across_the_view():
     p = policy("hold_random", env="cartpole")
     actions, decisions = [], []
     for t in range(3000):
@@ -89,7 +89,7 @@ def test_hold_random_holds_one_hot_actions_and_starts_anywhere_on_the_track():
     assert holds.min() == 1 and holds.max() == 6, "each draw is held 1 to 6 steps"
     assert 0.4 < actions[:, 0].mean() < 0.6
     starts = np.array([p.start_state() for _ in range(2000)])
-    assert starts.shape == (2000, 4) and starts[:, 0].min() < -1.8 and starts[:, 0].max() > 1.8
+    assert starts.shape == (2000, 4) and starts[:, 0].min() < -1.1 and starts[:, 0].max() > 1.1
 
 
 @pytest.mark.parametrize(
@@ -105,5 +105,6 @@ def test_a_policy_that_does_not_fit_the_env_is_one_line(env, name):
 
 
 def test_random_policy_in_a_discrete_env_gives_one_hot_actions():
-    actions = np.array([policy("random", env="cartpole").act(None, t) for t in range(100)])
+    p = policy("random", env="cartpole")
+    actions = np.array([p.act(None, t) for t in range(100)])
     assert actions.shape == (100, 2) and np.all(actions.sum(1) == 1)
