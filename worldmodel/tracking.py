@@ -221,16 +221,19 @@ def _alive(run: Run) -> str | None:
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
-    age = time.time() - float(tags.get("heartbeat", 0))
-    if age > 3 * HEARTBEAT_S:
-        return None
     if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        # On this host the process itself decides: a busy process is never taken for dead.
         pid = int(tags["pid"])
         return f"process {pid} on this host" if _process_exists(pid) else None
-    return f"on {tags.get('host', 'another host')}, heartbeat {age:.0f} s ago"
+    age = time.time() - float(tags.get("heartbeat", 0))
+    if age < 3 * HEARTBEAT_S:
+        return f"on {tags.get('host', 'another host')}, heartbeat {age:.0f} s ago"
+    return None
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether `pid` is alive. A reused pid reads as alive too: that errs on the safe side (a run is
+    refused or left alone, never cleaned up under a live process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
