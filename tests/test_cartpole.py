@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import compose_config
 from worldmodel import tracking
-from worldmodel.envs import make_env
+from worldmodel.envs import make_env, widen
 from worldmodel.models.controller import Controller
 from worldmodel.stages import run_stage
 
@@ -33,6 +33,20 @@ def test_frames_show_the_cart_and_pole_anywhere_on_the_track():
     assert np.abs(upright.astype(int) - tilted).sum() > 500, "the pole's angle shows in the frame"
     _, reward, terminated, _ = env.step(np.array([0.0, 1.0], np.float32))
     assert reward == 1.0 and not terminated
+
+
+def test_widen_grows_dark_strokes_only():
+    frame = np.full((8, 10, 3), 200, np.uint8)
+    frame[2:6, 4] = 30  # a 1-column stroke
+    wide = widen(frame, 1, 5)
+    assert wide.shape == frame.shape and wide.dtype == np.uint8
+    assert np.array_equal(np.flatnonzero(wide[3, :, 0] == 30), np.arange(2, 7)), "5 columns, centred"
+    assert (wide[[0, 1, 6, 7]] == 200).all(), "rows untouched"
+    assert widen(frame, 1, 1) is frame
+    pole = make_env(compose_config("env=cartpole").env).reset(seed=0, state=np.zeros(4))
+    narrow = make_env(compose_config("env=cartpole", "env.widen=null").env).reset(seed=0, state=np.zeros(4))
+    dark = (pole.min(axis=2) < 200).sum(axis=1)[10], (narrow.min(axis=2) < 200).sum(axis=1)[10]
+    assert dark[0] == dark[1] + 6, "the pole is 6 columns wider"
 
 
 def test_the_discrete_controller_acts_by_argmax_one_hot():

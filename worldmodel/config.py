@@ -107,6 +107,12 @@ def validate_common(cfg: DictConfig) -> None:
         lambda v: v is None or (len(v) == 2 and all(is_int(x) for x in v) and 0 <= v[0] < v[1] <= 255),
         "null or [lo, hi] with 0 ≤ lo < hi ≤ 255",
     )
+    check(
+        cfg,
+        "env.widen",
+        lambda v: v is None or (len(v) == 2 and all(is_int(x) and x >= 1 for x in v)),
+        "null or [rows, cols], each an integer ≥ 1",
+    )
     if cfg.env.get("fast_render"):  # the fast renderer leaves the dashboard rows black
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])

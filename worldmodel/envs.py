@@ -8,7 +8,7 @@ discrete env a one-hot vector, turned back into the action's index when stepping
 `fast_render` picks worldmodel's faster renderer with identical kept pixels.
 
 Frames are cropped and resized to image_size × image_size (`resample`: LANCZOS as seed 000, or the
-darkest pixel of each block); uint8 HWC.
+darkest pixel of each block), optionally with thin dark strokes widened (`widen`); uint8 HWC.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 
 import gymnasium as gym
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -75,6 +76,17 @@ def preprocess(
     return np.array(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def widen(frame: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Each pixel becomes the darkest of the rows × cols window centred on it: thin dark strokes grow
+    by cols - 1 columns (and rows - 1 rows)."""
+    if rows == cols == 1:
+        return frame
+    padded = np.pad(
+        frame, ((rows // 2, (rows - 1) // 2), (cols // 2, (cols - 1) // 2), (0, 0)), constant_values=255
+    )
+    return sliding_window_view(padded, (rows, cols), axis=(0, 1)).min(axis=(-2, -1))
+
+
 class PixelEnv:
     """A gymnasium env whose `reset` and `step` return preprocessed frames and take stored actions."""
 
@@ -95,6 +107,9 @@ class PixelEnv:
         # `pixel_range: [lo, hi]` maps 0..255 linearly onto lo..hi: a frame of pure white and black would
         # drive the VAE's sigmoid output into saturation, where it stops learning (measured on CartPole:
         # stuck at the mean frame for 4 epochs at [0, 255], learning within 200 batches at [24, 232]).
+        # `widen: [rows, cols]`: a VAE averages a 2-pixel pole over its angles into a blurred cone and never
+        # encodes the angle (linear probe R² ≈ 0 after 1,000 batches); 8 columns wide it does (R² 0.68-0.75).
+        self.widen_by = tuple(cfg.get("widen") or (1, 1))
         lo, hi = cfg.get("pixel_range") or (0, 255)
         self.levels = None if (lo, hi) == (0, 255) else np.round(np.linspace(lo, hi, 256)).astype(np.uint8)
 
@@ -106,6 +121,7 @@ class PixelEnv:
         frame = preprocess(
             self.env.render() if self.from_render else obs, self.crop, self.size, self.resample
         )
+        frame = widen(frame, *self.widen_by)
         return frame if self.levels is None else self.levels[frame]
 
     def reset(self, seed: int | None = None, state: np.ndarray | None = None) -> np.ndarray:
