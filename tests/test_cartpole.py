@@ -51,11 +51,14 @@ def test_widen_grows_dark_strokes_only():
 
 def test_the_discrete_controller_acts_by_argmax_one_hot():
     c = Controller(4, 3, action_dim=2, discrete=True)
-    params = torch.zeros(2, c.n_params)
-    params[0, -2:] = torch.tensor([0.0, 1.0])  # biases: right
-    params[1, -2:] = torch.tensor([1.0, 0.0])  # left
-    actions = c.act(params, torch.zeros(2, 4), torch.zeros(2, 3))
-    assert torch.equal(actions, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert c.n_params == (4 + 3) * 1 + 1, "one logit: the first action's is fixed at 0"
+    params = torch.zeros(3, c.n_params)
+    params[0, -1] = 1.0  # bias: right
+    params[1, -1] = -1.0  # left
+    params[2, 0] = -1.0  # left when z[0] > 0, else right
+    z = torch.tensor([[0.0] * 4, [0.0] * 4, [2.0, 0.0, 0.0, 0.0]])
+    actions = c.act(params, z, torch.zeros(3, 3))
+    assert torch.equal(actions, torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]))
     assert c.hparams["discrete"] is True
 
 

@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from worldmodel import tracking
+from worldmodel.agent import standardisation
+from worldmodel.checkpoints import load_module, save_checkpoint
 from worldmodel.dreaming import dream_rollouts, initial_latents
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
@@ -37,6 +39,25 @@ def test_controller_parameter_count_and_action_bounds():
     assert torch.equal(c.get_flat(), flat)
     with pytest.raises(ValueError, match="parameters"):
         c.set_flat(torch.zeros(5))
+
+
+def test_controller_standardises_its_inputs(tmp_path):
+    c = Controller(2, 3, inputs="z", input_mean=[1.0, -1.0], input_std=[2.0, 0.5])
+    params = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # steer = x0, gas = x1
+    raw = torch.atanh(c.act(params, torch.tensor([[3.0, -0.75]]), None)[0, 0])
+    assert torch.isclose(raw, torch.tensor(1.0)), "(3 - 1) / 2"
+    save_checkpoint(tmp_path / "c.pt", c)
+    again = load_module(Controller, tmp_path / "c.pt")
+    assert again.input_mean == [1.0, -1.0] and again.input_std == [2.0, 0.5]
+    with pytest.raises(ValueError, match="2 values"):
+        Controller(2, 3, inputs="z", input_mean=[0.0], input_std=[1.0])
+
+
+def test_standardisation_from_a_tally():
+    x = np.random.default_rng(0).normal([3.0, -1.0, 0.0], [2.0, 0.5, 0.0], (5000, 3))
+    tally = np.concatenate([[len(x)], x.sum(0), (x * x).sum(0)])
+    mean, std = standardisation(tally)
+    assert np.allclose(mean, [3.0, -1.0, 0.0], atol=0.1) and np.allclose(std, [2.0, 0.5, 1e-2], atol=0.05)
 
 
 def test_controller_batch_rows_match_single_rows():

@@ -49,6 +49,10 @@ def test_lockstep_play_is_deterministic_and_stops_stalled_rollouts():
     agent.set_params(params)
     unstopped = play(envs, agent, [5, 6, 7], 120, stall_steps=0)
     assert unstopped[1].steps == 120 and not unstopped[1].stalled, "stall_steps=0 never cuts an episode"
+    # each rollout tallies what its controller read, one row per step: [count, Σx, Σx²]
+    dim = agent.controller.in_dim
+    assert all(r.inputs.shape == (1 + 2 * dim,) and r.inputs[0] == r.steps for r in first)
+    assert (first[0].inputs[1 + dim :] >= 0).all() and not np.allclose(first[0].inputs, first[2].inputs)
 
 
 def test_evaluation_seeds_never_overlap_training_seeds():

@@ -64,14 +64,19 @@ class Agent:
 
     def reset(self) -> None:
         self.state = self.rnn.initial_state(self.slots)
+        # per row, what the controller read: [count, Σx, Σx²] (evolve.normalize's statistics)
+        self.tally = np.zeros((self.slots, 1 + 2 * self.controller.in_dim))
 
     @torch.inference_mode()
     def act(self, frames: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
         """Preprocessed uint8 frames (n, H, W, 3) of the envs `rows` (default: all slots) → actions (n, A);
         advances those rows' memory."""
+        picked = slice(None) if rows is None else np.asarray(rows)
         rows = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         h, c = self.state[0][:, rows], self.state[1][:, rows]
         z, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
+        x = self.controller.inputs_of(z, h[0]).double().numpy()
+        self.tally[picked] += np.concatenate([np.ones((len(x), 1)), x, x * x], axis=1)
         action = self.controller.act(self.params[rows], z, h[0])
         h, c = self.rnn.advance(z, action, (h, c))
         self.state[0][:, rows], self.state[1][:, rows] = h, c
@@ -83,6 +88,14 @@ class Agent:
         return (self.vae.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
 
 
+def standardisation(tally: np.ndarray, floor: float = 1e-2) -> tuple[list[float], list[float]]:
+    """Mean and std (at least `floor`) of controller inputs from a summed tally [count, Σx, Σx²]."""
+    n, total, squares = tally[0], tally[1 : (len(tally) + 1) // 2], tally[(len(tally) + 1) // 2 :]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    return mean.tolist(), np.maximum(std, floor).tolist()
+
+
 @dataclass
 class Rollout:
     """One real episode's outcome. `stalled`: cut short after `stall_steps` steps without progress."""
@@ -91,6 +104,7 @@ class Rollout:
     steps: int
     stalled: bool = False
     frames: list[np.ndarray] = field(default_factory=list)  # real | reconstruction, when recorded
+    inputs: np.ndarray | None = None  # the controller's inputs, summed: [count, Σx, Σx²]
 
 
 def play(
@@ -128,8 +142,11 @@ def play(
             out[i].stalled = bool(stall_steps) and idle[i] >= stall_steps and not (terminated or truncated)
             if terminated or truncated or out[i].stalled:
                 active.remove(i)
+                out[i].inputs = agent.tally[i].copy()
             else:
                 frames[i] = frame
         if not active:
             break
+    for i in active:
+        out[i].inputs = agent.tally[i].copy()
     return out

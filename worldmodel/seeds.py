@@ -11,6 +11,7 @@ EVAL = 2  # evaluate and evolve's final evaluation: unseen tracks (episode)
 CHECK = 3  # evolve, dream mode: real checks of the generation's best (generation, rollout)
 DREAM = 4  # dream stage: free dreams (episode)
 ROUND = 6  # pipeline rounds: the seed of round k's new episodes (round)
+NORM = 7  # evolve.normalize: the calibration rollouts (rollout), and their parameters
 
 
 def seed_of(*key: int) -> int:

@@ -3,7 +3,13 @@
 Linear by default (the paper: 867 parameters for z = 32, h = 256 and 3 actions), or with one tanh
 hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Box actions are
 tanh-bounded into [low, high] (defaults: CarRacing's, steering in [-1, 1], gas and brake in [0, 1]);
-`discrete` actions are the one-hot argmax of the outputs, read as logits.
+`discrete` actions are the one-hot argmax of logits. The first action's logit is fixed at 0 and the
+layer outputs the others, as in multinomial logistic regression: only logit differences choose an
+action, and the redundant half of a 2-action layer would only double the dimension CMA-ES searches.
+
+With `input_mean` and `input_std` (one value per input), inputs are standardised before the first
+layer, as Augmented Random Search does for linear policies: CMA-ES's isotropic start then reaches every
+input on an equal footing. On CartPole the weights a balancing policy needs on h are ~8× those on z.
 
 `act` evaluates a whole batch of parameter vectors at once, one per row, which is how CMA-ES
 candidates are evaluated together in the dream.
@@ -27,6 +33,8 @@ class Controller(nn.Module):
         low: list[float] | None = None,
         high: list[float] | None = None,
         discrete: bool = False,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
     ) -> None:
         super().__init__()
         # Without bounds: CarRacing's (checkpoints from before the env config carried them), else [-1, 1].
@@ -38,17 +46,27 @@ class Controller(nn.Module):
         if inputs not in ("zh", "z"):
             raise ValueError(f"inputs must be 'zh' or 'z', got {inputs!r}")
         self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
+        out = action_dim - 1 if discrete else action_dim
         self.inputs, self.hidden_units = inputs, hidden_units
         self.in_dim = latent + (hidden if inputs == "zh" else 0)
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("input_mean and input_std come together")
+        self.input_mean = None if input_mean is None else [float(v) for v in input_mean]
+        self.input_std = None if input_std is None else [float(v) for v in input_std]
+        if self.input_mean is not None and not len(self.input_mean) == len(self.input_std) == self.in_dim:
+            raise ValueError(f"input_mean and input_std need {self.in_dim} values each")
+        self._standardise = (
+            None if self.input_mean is None else (torch.tensor(self.input_mean), torch.tensor(self.input_std))
+        )
         if hidden_units:
             self.shapes = [
                 (self.in_dim, hidden_units),
                 (hidden_units,),
-                (hidden_units, action_dim),
-                (action_dim,),
+                (hidden_units, out),
+                (out,),
             ]
         else:
-            self.shapes = [(self.in_dim, action_dim), (action_dim,)]
+            self.shapes = [(self.in_dim, out), (out,)]
         self.n_params = sum(int(torch.tensor(s).prod()) for s in self.shapes)
         self.flat = nn.Parameter(torch.zeros(self.n_params))
 
@@ -63,6 +81,8 @@ class Controller(nn.Module):
             "low": self.low,
             "high": self.high,
             "discrete": self.discrete,
+            "input_mean": self.input_mean,
+            "input_std": self.input_std,
         }
 
     def get_flat(self) -> torch.Tensor:
@@ -82,9 +102,15 @@ class Controller(nn.Module):
             i += n
         return out
 
+    def inputs_of(self, z: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """What this controller reads, before standardisation: [z, h] or z."""
+        return torch.cat([z, h], dim=-1) if self.inputs == "zh" else z
+
     def act(self, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         """params (N, n_params), z (N, Z), h (N, H) → actions (N, action_dim)."""
-        x = torch.cat([z, h], dim=-1) if self.inputs == "zh" else z
+        x = self.inputs_of(z, h)
+        if self._standardise is not None:
+            x = (x - self._standardise[0]) / self._standardise[1]
         layers = self._unpack(params)
         if self.hidden_units:
             w1, b1, w2, b2 = layers
@@ -94,7 +120,8 @@ class Controller(nn.Module):
             w, b = layers
             raw = torch.bmm(x.unsqueeze(1), w).squeeze(1) + b
         if self.discrete:
-            return F.one_hot(raw.argmax(-1), self.action_dim).to(raw.dtype)
+            logits = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=-1)
+            return F.one_hot(logits.argmax(-1), self.action_dim).to(raw.dtype)
         squashed = torch.tanh(raw)
         low, high = torch.tensor(self.low), torch.tensor(self.high)
         # A symmetric range scales tanh; any other maps [-1, 1] onto [low, high].

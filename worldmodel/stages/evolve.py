@@ -10,6 +10,9 @@
   every `evolve.real_check_every` generations the generation's best is re-checked in the real env and
   that score is logged beside its dream score, so exploitation of the dream shows as a curve.
 
+With `evolve.normalize`, the controller standardises its inputs by their mean and std along popsize real
+rollouts of random candidates, run before the first generation; the statistics travel in its checkpoint.
+
 All candidates of a generation are scored on the same rollout seeds (common random numbers). CMA-ES is
 deterministic given its seed and the fitness it is told, so its state is kept as that history
 (`cma/history.npz`: plain arrays, loaded without pickle, so a crafted artifact cannot run code) and an
@@ -33,7 +36,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.agent import load_rnn
+from worldmodel.agent import load_rnn, standardisation
 from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data import latents
@@ -43,7 +46,7 @@ from worldmodel.envs import action_space
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
-from worldmodel.seeds import CHECK, TRAIN, seed_of
+from worldmodel.seeds import CHECK, NORM, TRAIN, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "evolve.initial_z", ["real", "normal"])
     one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
     one_of(cfg, "evolve.select", ["best", "mean"])
+    check(cfg, "evolve.normalize", lambda v: isinstance(v, bool), "true or false")
     positive_int(
         cfg,
         "evolve.rollouts",
@@ -120,6 +124,8 @@ def run(cfg: DictConfig) -> str:
         may_change=["evolve.generations", "evolve.workers", "evolve.eval_episodes"],
     ) as run:
         out_dir, in_place = tracking.local_artifact_dir("")
+        if hp.normalize:
+            controller = _standardised(controller, cfg, files)
         es, best, history = _cma_state(cfg, controller.n_params)
         starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
         scorer = RealScorer(
@@ -247,6 +253,24 @@ def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int)
     if fitness[top] <= best["fitness"]:
         return best
     return {"fitness": float(fitness[top]), "params": solutions[top].copy(), "generation": gen}
+
+
+def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]) -> Controller:
+    """`controller` with its inputs standardised by their mean and std along popsize real rollouts of
+    candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
+    see. Seeded, so a resumed run computes the same statistics."""
+    hp = cfg.evolve
+    rng = np.random.default_rng(seed_of(int(cfg.seed), NORM))
+    params = rng.normal(0.0, float(hp.sigma0), (int(hp.popsize), controller.n_params)).astype(np.float32)
+    seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
+    with RealScorer(
+        hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, float(hp.rollout_timeout)
+    ) as scorer:
+        rollouts = scorer.run(params, seeds, int(hp.max_steps), int(hp.stall_steps))
+    tally = np.sum([ro.inputs for ro in rollouts], axis=0)
+    mlflow.log_metric("normalize/steps", int(tally[0]))
+    mean, std = standardisation(tally)
+    return Controller(**controller.hparams | {"input_mean": mean, "input_std": std})
 
 
 def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray | None, np.ndarray | None]:
