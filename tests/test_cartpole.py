@@ -88,6 +88,10 @@ def test_cartpole_smoke_pipeline(tmp_path):
         tracking.artifact_path(children["evolve"].info.run_id, "controller.pt"), weights_only=True
     )
     assert controller["hparams"]["discrete"] is True and controller["hparams"]["action_dim"] == 2
+    hp = controller["hparams"]
+    assert len(hp["input_mean"]) == len(hp["input_std"]) == hp["latent"] + hp["hidden"], "normalize"
+    assert min(hp["input_std"]) > 0
+    assert children["evolve"].data.metrics["normalize/steps"] >= 16, "calibration rollouts ran"
     scores = children["evaluate"].data.metrics
     assert 1 <= scores["eval/score_min"] <= scores["eval/score_max"] <= 500
     gifs = {a.path for a in MlflowClient().list_artifacts(children["dream"].info.run_id, "gifs")}
