@@ -17,6 +17,7 @@ from PIL import Image
 from worldmodel import tracking
 from worldmodel.agent import standardisation
 from worldmodel.checkpoints import load_module, save_checkpoint
+from worldmodel.errors import WorldModelError
 from worldmodel.dreaming import dream_rollouts, initial_latents
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
@@ -51,6 +52,19 @@ def test_controller_standardises_its_inputs(tmp_path):
     assert again.input_mean == [1.0, -1.0] and again.input_std == [2.0, 0.5]
     with pytest.raises(ValueError, match="2 values"):
         Controller(2, 3, inputs="z", input_mean=[0.0], input_std=[1.0])
+
+
+def test_a_checkpoint_of_another_model_or_layout_is_one_line(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", MDNRNN(8, 3, hidden=16))
+    with pytest.raises(WorldModelError, match=r"m\.pt: not a Controller checkpoint .*re-run the stage") as err:
+        load_module(Controller, tmp_path / "m.pt")
+    assert "\n" not in str(err.value)
+    old = Controller(4, 3, action_dim=2, discrete=True)
+    state = {"flat": torch.zeros((4 + 3) * 2 + 2)}  # the two-logit layout of earlier discrete controllers
+    torch.save({"state_dict": state, "hparams": old.hparams}, tmp_path / "c.pt")
+    with pytest.raises(WorldModelError, match="size mismatch") as err:
+        load_module(Controller, tmp_path / "c.pt")
+    assert "\n" not in str(err.value)
 
 
 def test_standardisation_from_a_tally():

@@ -34,6 +34,13 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict[str, Any
 def load_module(cls: type[nn.Module], path: Path | str) -> nn.Module:
     """Rebuild `cls` from a checkpoint's hyperparameters and weights, in eval mode."""
     ckpt = load_checkpoint(path, cls.__name__)
-    model = cls(**ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = cls(**ckpt["hparams"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another model, or an older layout
+        reason = " ".join(str(err).split())[:240] or err.__class__.__name__  # one line
+        raise WorldModelError(
+            f"{path}: not a {cls.__name__} checkpoint this version can rebuild ({reason}); "
+            "re-run the stage that made it"
+        ) from err
     return model.eval()
