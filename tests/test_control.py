@@ -17,8 +17,8 @@ from PIL import Image
 from worldmodel import tracking
 from worldmodel.agent import standardisation
 from worldmodel.checkpoints import load_module, save_checkpoint
-from worldmodel.errors import WorldModelError
 from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.parallel import WorkerPool
@@ -56,7 +56,9 @@ def test_controller_standardises_its_inputs(tmp_path):
 
 def test_a_checkpoint_of_another_model_or_layout_is_one_line(tmp_path):
     save_checkpoint(tmp_path / "m.pt", MDNRNN(8, 3, hidden=16))
-    with pytest.raises(WorldModelError, match=r"m\.pt: not a Controller checkpoint .*re-run the stage") as err:
+    with pytest.raises(
+        WorldModelError, match=r"m\.pt: not a Controller checkpoint .*re-run the stage"
+    ) as err:
         load_module(Controller, tmp_path / "m.pt")
     assert "\n" not in str(err.value)
     old = Controller(4, 3, action_dim=2, discrete=True)
