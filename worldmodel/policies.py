@@ -46,6 +46,10 @@ class Policy:
         out[k] = 1.0
         return out
 
+    def uniform_one_hot(self) -> np.ndarray:
+        """A uniformly drawn discrete action, one-hot."""
+        return self.one_hot(int(self.rng.integers(self.space.dim)))
+
 
 class PseudoRandomPolicy(Policy):
     """Seed 000 (CarRacing): a warm-up action, then every `refresh` steps a new one of accelerate /
@@ -113,7 +117,7 @@ class RandomPolicy(Policy):
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t % self.refresh == 0 or self.action is None:
             if self.space.kind == "discrete":
-                self.action = self.one_hot(int(self.rng.integers(self.space.dim)))
+                self.action = self.uniform_one_hot()
             else:
                 self.action = self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
         return self.action
@@ -196,7 +200,7 @@ class HoldRandomPolicy(Policy):
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0 or t >= self.until:
-            self.action = self.one_hot(int(self.rng.integers(self.space.dim)))
+            self.action = self.uniform_one_hot()
             self.until = t + int(self.rng.integers(self.min_hold, self.max_hold + 1))
         return self.action
 

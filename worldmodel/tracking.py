@@ -252,6 +252,7 @@ def _reap_dead_runs(experiment_id: str, stage: str) -> None:
         filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
         output_format="list",
     )
+    client = MlflowClient()
     for run in runs:
         if _alive(run):
             continue
@@ -259,8 +260,8 @@ def _reap_dead_runs(experiment_id: str, stage: str) -> None:
         if parsed.scheme in ("", "file"):
             for partial in Path(unquote(parsed.path)).rglob("*.partial*"):
                 partial.unlink(missing_ok=True)
-        MlflowClient().set_terminated(run.info.run_id, "KILLED")
-        MlflowClient().set_tag(run.info.run_id, "killed_reason", "its process was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        client.set_tag(run.info.run_id, "killed_reason", "its process was gone")
         log.warning(
             "run %s of %s was left RUNNING by a process that is gone: marked KILLED", run.info.run_id, stage
         )

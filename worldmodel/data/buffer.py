@@ -44,6 +44,7 @@ class EpisodeBuffer:
         if total == 0:
             raise ValueError(f"no stored episode has {span} steps")
         picks = rng.integers(0, total, batch)
-        which = np.searchsorted(np.cumsum(starts), picks, side="right")
-        offsets = picks - (np.cumsum(starts) - starts)[which]
+        ends = np.cumsum(starts)
+        which = np.searchsorted(ends, picks, side="right")
+        offsets = picks - (ends - starts)[which]
         return {k: np.stack([held[e][k][s : s + span] for e, s in zip(which, offsets)]) for k in held[0]}

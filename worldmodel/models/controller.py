@@ -58,6 +58,7 @@ class Controller(nn.Module):
         self._standardise = (
             None if self.input_mean is None else (torch.tensor(self.input_mean), torch.tensor(self.input_std))
         )
+        self._bounds = torch.tensor(self.low), torch.tensor(self.high)
         if hidden_units:
             self.shapes = [
                 (self.in_dim, hidden_units),
@@ -123,7 +124,7 @@ class Controller(nn.Module):
             logits = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=-1)
             return F.one_hot(logits.argmax(-1), self.action_dim).to(raw.dtype)
         squashed = torch.tanh(raw)
-        low, high = torch.tensor(self.low), torch.tensor(self.high)
+        low, high = self._bounds
         # A symmetric range scales tanh; any other maps [-1, 1] onto [low, high].
         return torch.where(low == -high, squashed * high, low + (squashed + 1) / 2 * (high - low))
 

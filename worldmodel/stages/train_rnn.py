@@ -110,6 +110,13 @@ def batch_loss(
     return b, loss
 
 
+def _episodes(path: Path, order: np.ndarray) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Episodes of `order` one at a time, read 16 at a time: (their step arrays, length)."""
+    for data in latents.stream(path, order, per_read=16):
+        for i, length in enumerate(data["lengths"]):
+            yield {k: data[k][i] for k in STEP_KEYS}, int(length)
+
+
 def training_batches(
     buffer: EpisodeBuffer,
     path: Path,
@@ -128,18 +135,16 @@ def training_batches(
         # Everything fits: fill once, in file order, so that an epoch depends on its own seed alone
         # (a resumed run samples what an uninterrupted one would).
         if buffer.size < len(train):
-            for data in latents.stream(path, train, per_read=16):
-                for i, length in enumerate(data["lengths"]):
-                    buffer.add({k: data[k][i] for k in STEP_KEYS}, int(length))
+            for episode, length in _episodes(path, train):
+                buffer.add(episode, length)
     else:
         due = 0
-        for data in latents.stream(path, train[rng.permutation(len(train))], per_read=16):
-            for i, length in enumerate(data["lengths"]):
-                buffer.add({k: data[k][i] for k in STEP_KEYS}, int(length))
-                due += int(length) // span
-                while due >= size and buffer.size == buffer.capacity:
-                    yield buffer.sample(size, span, rng)
-                    due, owed = due - size, owed - size
+        for episode, length in _episodes(path, train[rng.permutation(len(train))]):
+            buffer.add(episode, length)
+            due += length // span
+            while due >= size and buffer.size == buffer.capacity:
+                yield buffer.sample(size, span, rng)
+                due, owed = due - size, owed - size
     while owed > 0:  # a whole epoch from a buffer that holds everything, or what the stream still owes
         yield buffer.sample(min(size, owed), span, rng)
         owed -= size
