@@ -11,7 +11,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup pipeline sweep bench test test-all lint ui clean
+.PHONY: help setup setup-ray pipeline sweep bench test test-all test-ray lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
+setup-ray: $(VENV)/.installed-ray ## setup, plus the Ray extra for backend=ray
+
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/pip install -e ".[test,ray]"
+	touch $@
+
 pipeline: setup ## all seven stages in order on the default config, one parent MLflow run (ARGS="..." adds overrides)
 	$(PY) -m worldmodel stage=pipeline $(ARGS)
 
@@ -34,8 +40,11 @@ sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64
 test: setup ## the fast test suite (what CI runs)
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: setup ## every test, slow ones included
+test-all: setup-ray ## every test, slow ones included (installs the Ray extra for tests/test_ray.py)
 	$(PY) -m pytest -q
+
+test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)
+	$(PY) -m pytest -q tests/test_ray.py
 
 bench: setup ## performance figures as ratios against same-run baselines → outputs/bench/latest.json
 	$(PY) benchmarks/bench.py

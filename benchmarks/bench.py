@@ -268,7 +268,7 @@ def run_all(store: Path) -> None:
     torch.save({"state_dict": vae.state_dict(), "hparams": vae.hparams}, checkpoints["vae"])
     torch.save({"state_dict": rnn.state_dict(), "hparams": rnn.hparams}, checkpoints["rnn"])
     files = {k: str(v) for k, v in checkpoints.items()}
-    scorer = RealScorer(WORKERS, 4, files, base.env, controller.hparams, timeout=600)
+    scorer = RealScorer(base.backend, WORKERS, 4, files, base.env, controller.hparams, timeout=600)
     try:
         scorer.run(population[:WORKERS].numpy(), list(range(WORKERS)), 5)  # workers started and warm
         n_real = 8 * WORKERS

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -13,6 +15,19 @@ import worldmodel  # noqa: F401  (registers the config resolvers)
 from worldmodel.config import CONFIG_DIR
 
 Compose = Callable[..., DictConfig]
+DATASETS = {"images": np.uint8, "actions": np.float32, "rewards": np.float32, "dones": np.bool_}
+
+
+def shard_arrays(run_id: str) -> dict[str, np.ndarray]:
+    """A collect run's episodes, shard after shard, as arrays."""
+    from worldmodel import tracking
+
+    out: dict[str, list[np.ndarray]] = {}
+    for name in sorted(tracking.list_artifacts(run_id, "shards")):
+        with h5py.File(tracking.artifact_path(run_id, name), "r") as f:
+            for key in (*DATASETS, "episode"):
+                out.setdefault(key, []).append(f[key][:])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def compose_config(*overrides: str) -> DictConfig:

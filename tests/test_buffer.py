@@ -64,3 +64,35 @@ def test_same_seed_same_windows():
     a = buffer.sample(8, 5, np.random.default_rng(3))
     b = buffer.sample(8, 5, np.random.default_rng(3))
     np.testing.assert_array_equal(a["step"], b["step"])
+
+
+def test_an_epoch_tiles_each_episode_once_from_a_random_offset():
+    buffer = EpisodeBuffer(4)
+    lengths = [7, 30, 12, 3]  # the last is shorter than a window
+    for tag, length in enumerate(lengths):
+        buffer.add(episode(tag, length), length)
+    span = 5
+    batches = list(buffer.epoch(4, span, np.random.default_rng(4)))
+    assert [len(b["tag"]) for b in batches] == [4, 4, 1], "1 + 6 + 2 + 0 windows, the last batch as it falls"
+    w = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    assert np.all(w["tag"] == w["tag"][:, :1]) and np.all(np.diff(w["step"], axis=1) == 1)
+    for tag, length in enumerate(lengths):
+        starts = np.sort(w["step"][w["tag"][:, 0] == tag, 0])
+        assert len(starts) == length // span, "as many windows as fit"
+        assert np.all(np.diff(starts) == span), "no overlap, no gap"
+        assert len(starts) == 0 or starts[0] <= length % span
+    offsets = set()
+    for seed in range(40):
+        w = next(buffer.epoch(30, span, np.random.default_rng(seed)))
+        offsets.add(int(w["step"][w["tag"][:, 0] == 2, 0].min()))
+    assert offsets == {0, 1, 2}, "12 steps hold two windows of 5 from offset 0, 1 or 2"
+
+
+def test_an_epoch_is_shuffled_and_seeded():
+    buffer = EpisodeBuffer(2)
+    buffer.add(episode(0, 200), 200)
+    buffer.add(episode(1, 200), 200)
+    first = [b["step"][:, 0] for b in buffer.epoch(8, 10, np.random.default_rng(5))]
+    again = [b["step"][:, 0] for b in buffer.epoch(8, 10, np.random.default_rng(5))]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    assert not np.all(np.diff(np.concatenate(first)) > 0), "not in file order"

@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import DATASETS, shard_arrays
 from worldmodel import tracking
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
-
-DATASETS = {"images": np.uint8, "actions": np.float32, "rewards": np.float32, "dones": np.bool_}
-
-
-def shard_arrays(run_id):
-    out = {}
-    for name in sorted(tracking.list_artifacts(run_id, "shards")):
-        with h5py.File(tracking.artifact_path(run_id, name), "r") as f:
-            for key in (*DATASETS, "episode"):
-                out.setdefault(key, []).append(f[key][:])
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def test_collect_run_is_tracked(smoke, collect_run):

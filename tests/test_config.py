@@ -8,7 +8,7 @@ from worldmodel.config import CONFIG_DIR, PROJECT_ROOT
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
 
-GROUPS = ["stage", "env", "policy", "latent", "device", "experiment"]
+GROUPS = ["stage", "env", "policy", "latent", "device", "backend", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -26,8 +26,8 @@ def test_every_group_option_composes(group):
             assert cfg.latent.size == int(option.removeprefix("z"))
         if group == "device":
             assert cfg.device.type == option
-        if group == "policy":
-            assert cfg.policy.name == option
+        if group in ("policy", "backend"):
+            assert cfg[group].name == option
         assert cfg.paths.outputs.startswith(str(PROJECT_ROOT))
 
 
@@ -69,6 +69,7 @@ def test_experiment_smoke_overrides_defaults():
         ("env.image_size=0", "env.image_size"),
         ("policy.probs=[0.5,0.5,0.5,0.5]", "policy.probs"),
         ("seed=-1", "seed"),
+        ("backend._target_=nowhere.Pool", "backend._target_"),
     ],
 )
 def test_bad_values_fail_before_work_naming_the_key(tmp_path, override, key):
@@ -136,3 +137,11 @@ def test_multirun_with_the_joblib_launcher(tmp_path):
     assert jobs == ["0_collect", "1_collect"]
     logs = list((tmp_path / "multiruns").glob("*/*/*/collect.log"))
     assert len(logs) == 2
+
+
+def test_backend_ray_without_ray_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    cfg = compose_config("stage=collect", f"paths.outputs={tmp_path}", "backend=ray")
+    with pytest.raises(WorldModelError, match=r"backend=ray needs Ray: pip install -e '\.\[ray\]'"):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"

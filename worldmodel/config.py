@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -117,6 +118,19 @@ def validate_common(cfg: DictConfig) -> None:
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
+    _check_backend(cfg)
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
     if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage
         resumable(cfg, cfg.stage.name)
+
+
+def _check_backend(cfg: DictConfig) -> None:
+    """The backend's pool class imports, and says whether what it needs is installed (`check`)."""
+    module, _, name = str(cfg.backend._target_).rpartition(".")
+    try:  # not hydra's get_class, which logs a traceback of its own
+        pool = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise WorldModelError(
+            f"config key 'backend._target_' must name a worker pool class (got {cfg.backend._target_!r})"
+        ) from err
+    getattr(pool, "check", lambda: None)()

@@ -10,6 +10,9 @@ Ctrl-C, which the parent handles for them.
 
 Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
 `task(state, payload)` for every payload it is given. Functions must be importable (spawn).
+
+This is `backend=local`; `backend=ray` (`ray_pool.RayPool`) has the same interface on a Ray cluster,
+and `make_pool` builds whichever the config names.
 """
 
 from __future__ import annotations
@@ -25,9 +28,28 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
+
+
+def make_pool(
+    backend: DictConfig,
+    workers: int | None,
+    init: Callable,
+    init_args: tuple,
+    task: Callable,
+    timeout: float,
+    most: int | None = None,
+) -> WorkerPool:
+    """The worker pool that `backend` (conf/backend) names, with its own settings: `WorkerPool` here,
+    or `RayPool` with the same interface."""
+    settings = OmegaConf.masked_copy(backend, [k for k in backend if k != "name"])
+    cls = instantiate(settings, _partial_=True)  # the backend's own settings bound, nothing built yet
+    return cls(workers, init, init_args, task, timeout=timeout, most=most)
 
 
 def _exit_with_parent() -> None:
@@ -58,14 +80,17 @@ def _worker_main(
 class WorkerPool:
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         init: Callable,
         init_args: tuple,
         task: Callable,
         timeout: float,
         max_attempts: int = 3,
         start_timeout: float | None = None,
+        most: int | None = None,
     ) -> None:
+        """`workers` processes, None for one per core, and never more than `most` (the tasks there are)."""
+        workers = min(workers or os.cpu_count() or 1, most or 1 << 30)
         self.ctx = mp.get_context("spawn")
         self.init, self.init_args, self.task = init, init_args, task
         self.timeout, self.max_attempts = timeout, max_attempts

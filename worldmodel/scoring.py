@@ -9,9 +9,10 @@ on the worker count.
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -23,7 +24,7 @@ from worldmodel.agent import Agent, Rollout, load_rnn, load_vae, play, worker_in
 from worldmodel.envs import make_env
 from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
-from worldmodel.parallel import WorkerPool
+from worldmodel.parallel import WorkerPool, make_pool
 from worldmodel.seeds import EVAL, seed_of
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,11 @@ log = logging.getLogger(__name__)
 # ---- the workers (module-level functions: the pool spawns) ------------------------------------------
 
 
-def init_worker(paths: dict[str, str], env_cfg: dict, controller_hparams: dict, slots: int) -> tuple:
+def init_worker(weights: dict[str, bytes], env_cfg: dict, controller_hparams: dict, slots: int) -> tuple:
+    """`weights`: the V and M checkpoints' bytes, not their paths, since a Ray worker may be elsewhere."""
     worker_inference()
-    agent = Agent(load_vae(paths["vae"]), load_rnn(paths["rnn"]), Controller(**controller_hparams), slots)
+    vae, rnn = (load(io.BytesIO(weights[k])) for load, k in ((load_vae, "vae"), (load_rnn, "rnn")))
+    agent = Agent(vae, rnn, Controller(**controller_hparams), slots)
     return [make_env(OmegaConf.create(env_cfg)) for _ in range(slots)], agent
 
 
@@ -51,6 +54,7 @@ class RealScorer:
 
     def __init__(
         self,
+        backend: DictConfig,
         workers: int | None,
         envs_per_worker: int,
         paths: dict[str, str],
@@ -58,14 +62,17 @@ class RealScorer:
         controller_hparams: dict,
         timeout: float,
     ) -> None:
-        """`workers`: processes, None for one per core; `envs_per_worker`: envs each steps in lockstep."""
-        workers = int(workers or os.cpu_count() or 1)
+        """`backend`: conf/backend; `workers`: processes, None for one per core (or per Ray CPU);
+        `envs_per_worker`: envs each steps in lockstep."""
         self.slots = int(envs_per_worker)
+        load_vae(paths["vae"]), load_rnn(paths["rnn"])  # a bad checkpoint fails here, named, not in a worker
+        weights = {k: Path(paths[k]).read_bytes() for k in ("vae", "rnn")}
         env = OmegaConf.to_container(env_cfg, resolve=True)
         self.args = (
+            backend,
             workers,
             init_worker,
-            (paths, env, controller_hparams, self.slots),
+            (weights, env, controller_hparams, self.slots),
             rollout_batch,
             timeout,
         )
@@ -87,7 +94,7 @@ class RealScorer:
     ) -> list[Rollout]:
         """Rollout i: parameters params[i] (N, P) on track seeds[i]; a progress bar named `progress`."""
         if self.pool is None:
-            self.pool = WorkerPool(*self.args)
+            self.pool = make_pool(*self.args)
         k = self.slots
         payloads = [
             (params[i : i + k], seeds[i : i + k], max_steps, stall_steps, record)

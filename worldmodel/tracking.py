@@ -170,6 +170,7 @@ def stage_run(
             "git_commit": git_commit(),
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
+            "backend": str(cfg.backend.name),
             **(tags or {}),
         }
         if cfg.mlflow.pipeline:

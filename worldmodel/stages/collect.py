@@ -11,7 +11,6 @@ complete).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from worldmodel.config import check, is_int, positive_int, positive_number
 from worldmodel.data import rollouts
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
-from worldmodel.parallel import WorkerPool
+from worldmodel.parallel import make_pool
 from worldmodel.rollout import episode_task, init_worker, run_episode
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def shard_name(k: int) -> str:
 
 def run(cfg: DictConfig) -> str:
     episodes, per_shard = int(cfg.collect.episodes), int(cfg.collect.episodes_per_shard)
-    workers = int(cfg.collect.workers or os.cpu_count() or 1)
+    workers = cfg.collect.workers  # None: every core (or the Ray cluster's CPUs)
     n_shards = -(-episodes // per_shard)
     tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
     upstream = _resolve_controller(cfg) if cfg.policy.name == "controller" else {}
@@ -80,10 +79,11 @@ def run(cfg: DictConfig) -> str:
             for i in range(k * per_shard, min((k + 1) * per_shard, episodes))
         ]
         log.info(
-            "collect: %d episodes × %d steps with %d workers (%d shards already complete)",
+            "collect: %d episodes × %d steps with %s workers on backend %s (%d shards already complete)",
             len(todo),
             cfg.collect.max_steps,
-            workers,
+            workers or "all",
+            cfg.backend.name,
             len(done),
         )
         if not todo:
@@ -222,20 +222,22 @@ def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) 
     return done
 
 
-def _episodes(cfg: DictConfig, indices: list[int], workers: int):
-    """Episodes in completion order; from worker processes, or this one when 1. A worker that dies or
-    hangs (collect.episode_timeout) is replaced and its episode collected again."""
+def _episodes(cfg: DictConfig, indices: list[int], workers: int | None):
+    """Episodes in completion order; from the backend's workers, or this process when workers is 1. A
+    worker that dies or hangs (collect.episode_timeout) is replaced and its episode collected again."""
     if workers == 1 or len(indices) <= 1:
         for i in indices:
             yield run_episode(cfg, i)
         return
     plain = OmegaConf.to_container(cfg, resolve=True)
-    with WorkerPool(
-        min(workers, len(indices)),
+    with make_pool(
+        cfg.backend,
+        workers,
         init_worker,
         (plain,),
         episode_task,
         timeout=float(cfg.collect.episode_timeout),
+        most=len(indices),
     ) as pool:
         for _, episode in pool.imap_unordered(indices):
             yield episode

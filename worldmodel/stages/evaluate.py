@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         timeout = float(cfg.evolve.rollout_timeout)
         with RealScorer(
-            hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, timeout
+            cfg.backend, hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, timeout
         ) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, int(hp.episodes))

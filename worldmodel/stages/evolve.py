@@ -129,7 +129,13 @@ def run(cfg: DictConfig) -> str:
         es, best, history = _cma_state(cfg, controller.n_params)
         starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
         scorer = RealScorer(
-            hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, float(hp.rollout_timeout)
+            cfg.backend,
+            hp.workers,
+            hp.envs_per_worker,
+            files,
+            cfg.env,
+            controller.hparams,
+            float(hp.rollout_timeout),
         )
         try:
             for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
@@ -264,7 +270,13 @@ def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]
     params = rng.normal(0.0, float(hp.sigma0), (int(hp.popsize), controller.n_params)).astype(np.float32)
     seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
     with RealScorer(
-        hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, float(hp.rollout_timeout)
+        cfg.backend,
+        hp.workers,
+        hp.envs_per_worker,
+        files,
+        cfg.env,
+        controller.hparams,
+        float(hp.rollout_timeout),
     ) as scorer:
         rollouts = scorer.run(params, seeds, int(hp.max_steps), int(hp.stall_steps))
     tally = np.sum([ro.inputs for ro in rollouts], axis=0)

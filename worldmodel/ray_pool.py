@@ -1,0 +1,136 @@
+"""`backend=ray`: the worker pool's interface on a Ray cluster, for collect episodes and real-env
+rollouts (evolve, evaluate).
+
+Each worker is an actor that runs `init(*init_args)` once and then `task(state, payload)` per call.
+Ray's own fault tolerance does what `WorkerPool` does by hand on one machine: an actor whose process
+dies is restarted (its `init` runs again) and the task it was running is retried, up to
+`max_attempts` times in all. A task that runs past `timeout` seconds has its actor killed, which
+Ray treats the same way. The init arguments go to the object store once and are shared by every
+actor, so they must not name local files: a worker may be on another machine.
+
+The cluster is the one `ray.init` finds: `backend.address`, else `RAY_ADDRESS`, else a new local
+one. Every machine of the cluster needs this package installed (as for any Ray program).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from worldmodel.errors import WorldModelError
+
+log = logging.getLogger(__name__)
+
+
+def _ray():  # noqa: ANN202  (the module, imported only when asked for)
+    try:
+        import ray
+    except ImportError as err:
+        raise WorldModelError(
+            "backend=ray needs Ray: pip install -e '.[ray]' (or use backend=local)"
+        ) from err
+    return ray
+
+
+class _Worker:
+    def __init__(self, init: Callable, init_args: tuple, task: Callable) -> None:
+        self.state, self.task = init(*init_args), task
+
+    def run(self, payload: Any) -> Any:
+        return self.task(self.state, payload)
+
+
+class RayPool:
+    def __init__(
+        self,
+        workers: int | None,
+        init: Callable,
+        init_args: tuple,
+        task: Callable,
+        timeout: float,
+        max_attempts: int = 3,
+        most: int | None = None,
+        address: str | None = None,
+        num_cpus: float = 1,
+    ) -> None:
+        """`workers` actors of `num_cpus` each, None for as many as the cluster's CPUs allow, and never
+        more than `most` (the tasks there are)."""
+        ray = _ray()
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
+        workers = min(workers, most or workers)
+        actor = ray.remote(_Worker).options(
+            num_cpus=num_cpus, max_restarts=max_attempts - 1, max_task_retries=max_attempts - 1
+        )
+        self.shared = ray.put(init_args)  # held for the pool's life: a restarted actor reads it again
+        self.actors = [actor.remote(init, self.shared, task) for _ in range(workers)]
+        self.timeout, self.max_attempts = timeout, max_attempts
+        self.replaced = 0  # actors killed for running past the timeout (Ray counts its own restarts)
+
+    @staticmethod
+    def check() -> None:
+        """Before any work: is Ray installed?"""
+        _ray()
+
+    def map(self, payloads: Sequence[Any]) -> list[Any]:
+        """Results in the order of `payloads`."""
+        done = dict(self.imap_unordered(payloads))
+        return [done[i] for i in range(len(payloads))]
+
+    def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """(index, result) pairs as tasks finish; one task at a time per actor, so that a slow worker
+        holds back only its own task."""
+        ray = _ray()
+        pending = list(range(len(payloads)))[::-1]
+        idle = list(self.actors)
+        running: dict[Any, tuple[int, Any, float]] = {}  # ref → (task, actor, started at)
+        while pending or running:
+            while idle and pending:
+                tid, actor = pending.pop(), idle.pop()
+                running[actor.run.remote(payloads[tid])] = (tid, actor, time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                tid, actor, _ = running.pop(ref)
+                idle.append(actor)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise WorldModelError(f"a Ray worker failed on task {tid}: {_one_line(err)}") from err
+                yield tid, value
+            self._kill_hung(running)
+
+    def _kill_hung(self, running: dict[Any, tuple[int, Any, float]]) -> None:
+        # The clock of an actor's first task includes its init (seconds, against minutes of timeout);
+        # it restarts when Ray retries the task on the restarted actor.
+        ray, now = _ray(), time.monotonic()
+        for ref, (tid, actor, started) in list(running.items()):
+            if now - started > self.timeout:
+                log.warning(
+                    "Ray worker hung for more than %.0f s on task %d; restarting it", self.timeout, tid
+                )
+                ray.kill(actor, no_restart=False)
+                running[ref] = (tid, actor, now)
+                self.replaced += 1
+
+    def close(self) -> None:
+        ray = _ray()
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.shared = [], None
+        if self.started:
+            ray.shutdown()
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or err.__class__.__name__
