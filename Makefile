@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 ARGS   ?=
+BENCH_ARGS ?=
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 # Fall back to python3 where no python3.11 binary is on the PATH.
@@ -52,8 +53,8 @@ test-all: setup-ray setup-team ## every test, slow and team ones included (insta
 test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)
 	$(PY) -m pytest -q tests/test_ray.py
 
-bench: setup ## performance figures as ratios against same-run baselines → outputs/bench/latest.json
-	$(PY) benchmarks/bench.py
+bench: setup ## performance figures as ratios to same-run baselines → outputs/bench/latest.json (BENCH_ARGS="--workers 16 --device cuda")
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 lint: setup ## ruff
 	$(BIN)/ruff check worldmodel tests benchmarks

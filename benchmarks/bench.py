@@ -7,6 +7,7 @@ outputs/bench/latest.json: [{figure, value, baseline, ratio, target}, ...].
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ from worldmodel.models.vae import VAE, to_input, vae_loss  # noqa: E402
 from worldmodel.scoring import RealScorer  # noqa: E402
 from worldmodel.stages import run_stage  # noqa: E402
 
-WORKERS = int(os.environ.get("BENCH_WORKERS", os.cpu_count() or 1))
+WORKERS = int(os.environ.get("BENCH_WORKERS", os.cpu_count() or 1))  # --workers N overrides
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device overrides
 RESULTS: list[dict] = []
 
 
@@ -87,9 +89,19 @@ def cfg_for(store: Path, *overrides: str):
 
 
 def main() -> None:
+    global WORKERS, DEVICE
+    parser = argparse.ArgumentParser(description="worldmodel benchmarks, as ratios to same-run baselines")
+    parser.add_argument(
+        "--workers", type=int, default=WORKERS, help="collect and evolve workers (BENCH_WORKERS)"
+    )
+    parser.add_argument("--device", default=str(DEVICE), help="where the VAE trains (default: cuda if any)")
+    args = parser.parse_args()
+    WORKERS, DEVICE = args.workers, torch.device(args.device)
     torch.set_num_threads(1)
     store = Path(tempfile.mkdtemp(prefix="wm-bench-"))
-    print(f"worldmodel benchmarks on {os.cpu_count()} cores, {WORKERS} workers; scratch store {store}")
+    print(
+        f"worldmodel benchmarks on {os.cpu_count()} cores, {WORKERS} workers, VAE on {DEVICE}; store {store}"
+    )
     print(f"  {'figure':<48} {'value':>12} {'baseline':>12} {'ratio':>8}  target")
     try:
         run_all(store)
@@ -171,36 +183,43 @@ def run_all(store: Path) -> None:
         return n / (time.perf_counter() - t)
 
     torch.set_num_threads(os.cpu_count() or 1)  # training uses every core, as the stage does
-    model = VAE(32, 64)
+    model = VAE(32, 64).to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
-    memory = [to_input(b) for b in loader]
+    memory = [b.to(DEVICE) for b in loader]  # uint8 on the device, converted there as the stage does
 
     def train_steps(batches) -> float:
         t, n = time.perf_counter(), 0
         for b in batches:
-            x = b if b.dtype == torch.float32 else to_input(b)
+            x = to_input(b.to(DEVICE, non_blocking=True))
             loss = vae_loss(x, *model(x), 0.5).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
             n += len(x)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         return n / (time.perf_counter() - t)
 
     train_fps = best_of(lambda: train_steps(memory[:8]), 2)
-    record("VAE loader frames/s (vs VAE training frames/s)", best_of(loader_rate), train_fps, ">=5")
+    loader_fps = best_of(loader_rate)
+    record(f"VAE loader frames/s (vs VAE training frames/s, {DEVICE.type})", loader_fps, train_fps, ">=5")
     from_memory = best_of(lambda: train_steps(memory), 2)
     from_hdf5 = best_of(lambda: train_steps(loader), 2)
     record(
-        "VAE epoch time, HDF5 (vs in-memory tensors)",
+        f"VAE epoch time, HDF5 (vs in-memory tensors, {DEVICE.type})",
         len(memory) * batch / from_hdf5,
         len(memory) * batch / from_memory,
         "<=1.1",
         ratio=from_memory / from_hdf5,
     )
+    record(
+        f"train_vae frames/s from HDF5 on {DEVICE.type} (vs loader alone)", from_hdf5, loader_fps, "report"
+    )
+    model.cpu()
 
     # 6. encode (the stage, through HDF5) against the encoder on an in-memory batch.
     vae_id = run_stage(cfg_for(store, "stage=train_vae", f"inputs.merge={merge_id}", "train_vae.epochs=1"))
-    x = memory[0].repeat(10, 1, 1, 1)[:1000]
+    x = to_input(memory[0].cpu()).repeat(10, 1, 1, 1)[:1000]
     enc_model = VAE(32, 64).eval()
 
     def encoder_rate() -> float:

@@ -175,3 +175,28 @@ def test_merge_refuses_a_shard_with_another_image_size(smoke, collect_run):
 def test_merge_names_a_missing_upstream_run(smoke):
     with pytest.raises(WorldModelError, match="inputs.collect=0123456789abcdef: no such run"):
         run_stage(smoke("stage=merge", "inputs.collect=0123456789abcdef"))
+
+
+def test_a_packed_episode_writes_the_same_chunks_and_frames(tmp_path):
+    from worldmodel.data import rollouts
+
+    rng = np.random.default_rng(0)
+    steps = 60  # not a multiple of the chunk: the last chunk is partly padding
+    blocks = rng.integers(0, 4, (steps, 16, 16, 3), dtype=np.uint8) * 60
+    images = blocks.repeat(4, axis=1).repeat(4, axis=2)  # flat patches, like rendered frames
+    ep = rollouts.Episode(images, np.zeros((steps, 3), np.float32), np.ones(steps, np.float32),
+                          np.zeros(steps, bool), steps, 1)  # fmt: skip
+    packed = rollouts.pack(ep)
+    assert packed.images is None and len(packed.image_chunks) == 3
+    assert sum(map(len, packed.image_chunks)) < images.nbytes / 2, "compressed"
+    for t in (0, 24, 25, 59):
+        np.testing.assert_array_equal(packed.frame(t), images[t])
+    raw = {}
+    for name, episode in (("plain", ep), ("packed", packed)):
+        with rollouts.create(tmp_path / f"{name}.h5", 2, steps, 64, 3, {}) as f:
+            rollouts.write_episode(f, 1, episode)
+        with h5py.File(tmp_path / f"{name}.h5", "r") as f:
+            np.testing.assert_array_equal(f["images"][1], images)
+            raw[name] = [f["images"].id.read_direct_chunk((1, t, 0, 0, 0))[1] for t in (0, 25, 50)]
+    assert raw["plain"] == raw["packed"], "the bytes HDF5 itself would have written"
+    rollouts.verify(tmp_path / "packed.h5", "")

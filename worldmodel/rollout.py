@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.data.rollouts import Episode
+from worldmodel.data.rollouts import Episode, pack
 from worldmodel.envs import PixelEnv, make_env
 from worldmodel.policies import make_policy
 
@@ -58,4 +58,4 @@ def init_worker(cfg: dict) -> DictConfig:
 
 
 def episode_task(cfg: DictConfig, index: int) -> Episode:
-    return run_episode(cfg, index)
+    return pack(run_episode(cfg, index))  # compressed here, in the worker, not by the shard writer

@@ -18,8 +18,9 @@ train/validation split as datasets `split/train`, `split/val` (episode indices).
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,56 @@ SCHEMA_VERSION = 1
 SETTINGS = ("env_id", "image_size", "crop", "max_steps", "reset_on_done")
 
 
+CHUNK_FRAMES, LEVEL = 25, 1  # images: frames per chunk and gzip level of collect's shards
+
+
 @dataclass
 class Episode:
-    images: np.ndarray  # uint8 (T, H, W, 3)
+    images: np.ndarray | None  # uint8 (T, H, W, 3); None once `pack`ed
     actions: np.ndarray  # float32 (T, A)
     rewards: np.ndarray  # float32 (T,)
     dones: np.ndarray  # bool (T,)
     length: int
     index: int
+    # `pack`: the images as the file stores them, HDF5 chunks already compressed and checksummed
+    image_chunks: list[bytes] | None = None
+    image_shape: tuple[int, ...] = ()
+    chunk_frames: int = 0
 
     @property
     def episode_return(self) -> float:
         return float(self.rewards[: self.length].sum())
+
+    def frame(self, t: int) -> np.ndarray:
+        if self.images is not None:
+            return self.images[t]
+        # A chunk is the deflate stream of its frames followed by the 4-byte fletcher32 checksum.
+        raw = zlib.decompress(self.image_chunks[t // self.chunk_frames][:-4])
+        return np.frombuffer(raw, np.uint8).reshape(-1, *self.image_shape[1:])[t % self.chunk_frames]
+
+
+def _image_layout(steps: int, image_size: int, chunk_frames: int, level: int) -> dict[str, Any]:
+    chunk = max(1, min(chunk_frames, steps))
+    return {
+        "chunks": (1, chunk, image_size, image_size, 3),
+        "compression": "gzip",
+        "compression_opts": level,
+        "fletcher32": True,
+    }
+
+
+def pack(ep: Episode, chunk_frames: int = CHUNK_FRAMES, level: int = LEVEL) -> Episode:
+    """The episode with its images compressed into the chunks a shard stores, by HDF5 itself (in
+    memory), so that a collect worker pays for the compression and the writer only copies bytes: at
+    16 workers, compressing every frame in the one writing process held collect back."""
+    steps, size = ep.images.shape[0], ep.images.shape[1]
+    layout = _image_layout(steps, size, chunk_frames, level)
+    with h5py.File(f"pack-{os.getpid()}-{ep.index}", "w", driver="core", backing_store=False) as f:
+        images = f.create_dataset("images", (1, *ep.images.shape), np.uint8, **layout)
+        images[0] = ep.images
+        chunk = layout["chunks"][1]
+        chunks = [images.id.read_direct_chunk((0, t, 0, 0, 0))[1] for t in range(0, steps, chunk)]
+    return replace(ep, images=None, image_chunks=chunks, image_shape=ep.images.shape, chunk_frames=chunk)
 
 
 def create(
@@ -55,20 +94,14 @@ def create(
     image_size: int,
     action_dim: int,
     attrs: dict[str, Any],
-    chunk_frames: int = 25,
-    compression_level: int = 1,
+    chunk_frames: int = CHUNK_FRAMES,
+    compression_level: int = LEVEL,
 ) -> h5py.File:
     """A new rollouts file with `episodes` empty slots."""
     f = h5py.File(path, "w")
     gzip = {"compression": "gzip", "compression_opts": compression_level, "fletcher32": True}
-    chunk = max(1, min(chunk_frames, steps))
-    f.create_dataset(
-        "images",
-        (episodes, steps, image_size, image_size, 3),
-        np.uint8,
-        chunks=(1, chunk, image_size, image_size, 3),
-        **gzip,
-    )
+    layout = _image_layout(steps, image_size, chunk_frames, compression_level)
+    f.create_dataset("images", (episodes, steps, image_size, image_size, 3), np.uint8, **layout)
     f.create_dataset(
         "actions", (episodes, steps, action_dim), np.float32, chunks=(1, steps, action_dim), **gzip
     )
@@ -81,7 +114,14 @@ def create(
 
 
 def write_episode(f: h5py.File, slot: int, ep: Episode) -> None:
-    f["images"][slot] = ep.images
+    if ep.image_chunks is None:
+        f["images"][slot] = ep.images
+    else:  # packed by the worker with this file's layout: the chunks go in as they are
+        images = f["images"]
+        if images.chunks[1] != ep.chunk_frames or images.shape[1:] != ep.image_shape:
+            raise ValueError(f"episode packed as {ep.chunk_frames}-frame chunks of {ep.image_shape}")
+        for i, chunk in enumerate(ep.image_chunks):
+            images.id.write_direct_chunk((slot, i * ep.chunk_frames, 0, 0, 0), chunk)
     f["actions"][slot] = ep.actions
     f["rewards"][slot] = ep.rewards
     f["dones"][slot] = ep.dones

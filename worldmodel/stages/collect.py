@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> str:
             on_complete=lambda path: tracking.publish(path, SHARDS, in_place),
         )
         returns, samples = [], []
-        start = time.perf_counter()
+        start, logged = time.perf_counter(), time.monotonic()
         try:
             with tqdm(total=len(todo), desc="collect", unit="ep") as bar:
                 for ep in _episodes(cfg, todo, workers):
@@ -119,7 +119,9 @@ def run(cfg: DictConfig) -> str:
                     samples.extend(_sample_frames(ep, cfg.collect.mosaic_frames, episodes))
                     bar.update(1)
                     bar.set_postfix(ret=f"{np.mean(returns):.1f}")
-                    mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
+                    if time.monotonic() - logged > 5 or len(returns) == len(todo):  # not a write per episode
+                        mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
+                        logged = time.monotonic()
         except BaseException:
             shards.abort()  # an interrupted shard is not kept
             raise
@@ -246,4 +248,4 @@ def _episodes(cfg: DictConfig, indices: list[int], workers: int | None):
 def _sample_frames(ep: rollouts.Episode, wanted: int, episodes: int) -> list[np.ndarray]:
     per_episode = -(-int(wanted) // episodes)
     steps = np.linspace(0, ep.length - 1, per_episode + 2, dtype=int)[1:-1]
-    return [ep.images[t] for t in steps]
+    return [ep.frame(t) for t in steps]
