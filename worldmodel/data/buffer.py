@@ -40,8 +40,8 @@ class EpisodeBuffer:
 
     def epoch(self, batch: int, span: int, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         """Batches of every window of `span` steps that tiles each held episode from a random offset,
-        in a random order: each step is seen at most once. Sampling with replacement instead leaves
-        about a third of the windows out of an epoch, and trained worse controllers (see train_rnn)."""
+        in a random order: each step is seen at most once (sampling with replacement leaves about a
+        third of the windows out of an epoch)."""
         held = self.slots[: self.size]
         index = []
         for e, ep in enumerate(held):
