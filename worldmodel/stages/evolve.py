@@ -128,15 +128,7 @@ def run(cfg: DictConfig) -> str:
             controller = _standardised(controller, cfg, files)
         es, best, history = _cma_state(cfg, controller.n_params)
         starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
-        scorer = RealScorer(
-            cfg.backend,
-            hp.workers,
-            hp.envs_per_worker,
-            files,
-            cfg.env,
-            controller.hparams,
-            float(hp.rollout_timeout),
-        )
+        scorer = _real_scorer(cfg, files, controller)
         try:
             for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
                 solutions = np.asarray(es.ask(), dtype=np.float32)
@@ -261,6 +253,19 @@ def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int)
     return {"fitness": float(fitness[top]), "params": solutions[top].copy(), "generation": gen}
 
 
+def _real_scorer(cfg: DictConfig, files: dict[str, str], controller: Controller) -> RealScorer:
+    hp = cfg.evolve
+    return RealScorer(
+        cfg.backend,
+        hp.workers,
+        hp.envs_per_worker,
+        files,
+        cfg.env,
+        controller.hparams,
+        float(hp.rollout_timeout),
+    )
+
+
 def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]) -> Controller:
     """`controller` with its inputs standardised by their mean and std along popsize real rollouts of
     candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
@@ -269,15 +274,7 @@ def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]
     rng = np.random.default_rng(seed_of(int(cfg.seed), NORM))
     params = rng.normal(0.0, float(hp.sigma0), (int(hp.popsize), controller.n_params)).astype(np.float32)
     seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
-    with RealScorer(
-        cfg.backend,
-        hp.workers,
-        hp.envs_per_worker,
-        files,
-        cfg.env,
-        controller.hparams,
-        float(hp.rollout_timeout),
-    ) as scorer:
+    with _real_scorer(cfg, files, controller) as scorer:
         rollouts = scorer.run(params, seeds, int(hp.max_steps), int(hp.stall_steps))
     tally = np.sum([ro.inputs for ro in rollouts], axis=0)
     mlflow.log_metric("normalize/steps", int(tally[0]))
