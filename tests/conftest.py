@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -36,8 +37,12 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture(autouse=True)
-def _no_outside_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _no_outside_store() -> Iterator[None]:
+    """No MLFLOW_TRACKING_URI from outside, and none left behind: `mlflow.set_tracking_uri` exports it,
+    and a session fixture first built in the next test (before this fixture runs) would follow it."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
