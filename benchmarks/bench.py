@@ -215,6 +215,13 @@ def run_all(store: Path) -> None:
     record(
         f"train_vae frames/s from HDF5 on {DEVICE.type} (vs loader alone)", from_hdf5, loader_fps, "report"
     )
+    # train_vae.precision=bf16 train_vae.channels_last=true against fp32, same batches (for GPUs).
+    model = model.to(memory_format=torch.channels_last)
+    with torch.autocast(DEVICE.type, torch.bfloat16):
+        fast = best_of(lambda: train_steps(memory), 2)
+    record(
+        f"VAE training frames/s, bf16 + channels_last (vs fp32, {DEVICE.type})", fast, from_memory, "report"
+    )
     model.cpu()
 
     # 6. encode (the stage, through HDF5) against the encoder on an in-memory batch.

@@ -37,6 +37,28 @@ def test_train_vae_run(smoke, vae_run, merge_run):
     )
 
 
+def test_train_vae_in_bf16_and_channels_last_learns_like_fp32(smoke, merge_run, vae_run):
+    """The GPU options (autocast bf16, NHWC convolutions) on the same data and seed: the training loss
+    falls and the validation loss, computed in fp32, stays near the fp32 run's."""
+    fast = run_stage(
+        smoke(
+            "stage=train_vae",
+            f"inputs.merge={merge_run}",
+            "train_vae.precision=bf16",
+            "train_vae.channels_last=true",
+        )
+    )
+    tracking.setup(smoke())
+    client = MlflowClient()
+    loss = [m.value for m in client.get_metric_history(fast, "train/loss")]
+    assert loss[-1] < loss[0] and np.isfinite(loss).all()
+    val, ref = (client.get_run(r).data.metrics["val/loss"] for r in (fast, vae_run))
+    assert abs(val - ref) < 0.02 * ref, (val, ref)
+    assert client.get_run(fast).data.params["train_vae.precision"] == "bf16"
+    with pytest.raises(WorldModelError, match="train_vae.precision"):
+        run_stage(smoke("stage=train_vae", f"inputs.merge={merge_run}", "train_vae.precision=fp16"))
+
+
 def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, vae_run, rnn_run):
     tracking.setup(smoke())
     ckpt = torch.load(tracking.artifact_path(vae_run, "checkpoints/best.pt"), weights_only=True)

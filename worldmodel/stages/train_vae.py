@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
-from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data import rollouts
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
@@ -43,6 +43,8 @@ def validate(cfg: DictConfig) -> None:
     positive_number(cfg, "train_vae.lr")
     check(cfg, "train_vae.kl_tolerance", lambda v: v >= 0, "a number ≥ 0")
     check(cfg, "train_vae.num_workers", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
+    one_of(cfg, "train_vae.precision", ["fp32", "bf16"])
+    check(cfg, "train_vae.channels_last", lambda v: isinstance(v, bool), "true or false")
     check(cfg, "env.image_size", lambda v: v in SIZES, f"one of {list(SIZES)} for the VAE")
 
 
@@ -64,7 +66,9 @@ def run(cfg: DictConfig) -> str:
         may_change=["train_vae.num_workers", "train_vae.epochs"],
     ) as run:
         torch.manual_seed(cfg.seed)
-        model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device)
+        layout = torch.channels_last if hp.channels_last else torch.contiguous_format
+        model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=hp.precision == "bf16")
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
 
@@ -96,8 +100,10 @@ def run(cfg: DictConfig) -> str:
             batches = tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False)
             with training.reading(dataset, damaged):
                 for batch in batches:
-                    x = to_input(batch.to(device, non_blocking=True))
-                    out = vae_loss(x, *model(x), float(hp.kl_tolerance))
+                    x = to_input(batch.to(device, non_blocking=True))  # uint8 travels, floats on the device
+                    with autocast:
+                        recon, mu, logvar = model(x)
+                    out = vae_loss(x, recon.float(), mu.float(), logvar.float(), float(hp.kl_tolerance))
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
                     optimizer.step()
