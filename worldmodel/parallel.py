@@ -137,13 +137,17 @@ class WorkerPool:
         busy: dict[int, tuple[int, float]] = {}  # worker → (task, started at)
         attempts = [0] * len(payloads)
         finished = 0
-        while finished < len(payloads):
+
+        def dispatch() -> None:
             for wid, (_, tasks) in list(self.procs.items()):
                 if wid in self.ready and wid not in busy and pending:
                     tid = pending.popleft()
                     attempts[tid] += 1
                     busy[wid] = (tid, time.monotonic())
                     tasks.put((tid, payloads[tid]))
+
+        while finished < len(payloads):
+            dispatch()
             try:
                 wid, tid, ok, value = self.results.get(timeout=0.2)
                 if tid is None:
@@ -153,6 +157,10 @@ class WorkerPool:
                     if not ok:
                         raise WorldModelError(f"a worker failed on task {tid}: {value}")
                     finished += 1
+                    # The worker gets its next task before the caller handles this result (e.g. writes
+                    # a shard): otherwise every worker idles for as long as the caller takes, and at
+                    # 16 workers the results queue up behind one another.
+                    dispatch()
                     yield tid, value
             except queue.Empty:
                 pass

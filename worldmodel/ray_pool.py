@@ -89,14 +89,19 @@ class RayPool:
         pending = list(range(len(payloads)))[::-1]
         idle = list(self.actors)
         running: dict[Any, tuple[int, Any, float]] = {}  # ref → (task, actor, started at)
-        while pending or running:
+
+        def dispatch() -> None:
             while idle and pending:
                 tid, actor = pending.pop(), idle.pop()
                 running[actor.run.remote(payloads[tid])] = (tid, actor, time.monotonic())
+
+        while pending or running:
+            dispatch()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 tid, actor, _ = running.pop(ref)
                 idle.append(actor)
+                dispatch()  # its next task first, then the caller handles this result (see WorkerPool)
                 try:
                     value = ray.get(ref)
                 except ray.exceptions.RayError as err:
