@@ -123,28 +123,30 @@ def run_all(store: Path) -> None:
     fast = best_of(lambda: steps_per_s(fast_env.env, 300))
     record("env steps/s, fast renderer (vs stock)", fast, stock, ">=2.5")
 
-    # 2. collect with N workers against N × one process stepping the raw (fast) env.
-    episodes, steps = 4 * WORKERS, 1000
-    # Through the CLI, as a user runs it (spawned workers then import only what `python -m worldmodel` does);
-    # the stage's own frames/s: worker start-up included, MLflow set-up not.
-    cli = [
-        sys.executable,
-        "-m",
-        "worldmodel",
-        "stage=collect",
-        "experiment=smoke",
-        f"paths.outputs={store}",
-        f"hydra.run.dir={store}/run",
-        f"collect.episodes={episodes}",
-        f"collect.max_steps={steps}",
-        f"collect.workers={WORKERS}",
-        "collect.episodes_per_shard=2",
-    ]
-    subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
-    tracking.setup(base)
-    collect = tracking.resolve_run(base, "collect", None, {"image_size": "64"})
-    collect_id, collect_fps = collect.info.run_id, collect.data.metrics["frames_per_s"]
+    # 2. collect with N workers against N × one process stepping the raw (fast) env, and against N ×
+    #    collect itself with one worker (in-process: the same per-frame work, no pool).
+    def collect_run(episodes: int, workers: int) -> tuple[str, float]:
+        # Through the CLI, as a user runs it (spawned workers then import only what `python -m worldmodel`
+        # does); the stage's own frames/s: worker start-up included, MLflow set-up not.
+        cli = [
+            sys.executable, "-m", "worldmodel", "stage=collect", "experiment=smoke",
+            f"paths.outputs={store}", f"hydra.run.dir={store}/run", f"collect.episodes={episodes}",
+            "collect.max_steps=1000", f"collect.workers={workers}", "collect.episodes_per_shard=2",
+        ]  # fmt: skip
+        subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
+        tracking.setup(base)
+        run = tracking.resolve_run(base, "collect", None, {"image_size": "64"})
+        return run.info.run_id, run.data.metrics["frames_per_s"]
+
+    _, one_worker = collect_run(2, 1)
+    collect_id, collect_fps = collect_run(4 * WORKERS, WORKERS)  # its shards feed merge below
     record(f"collect frames/s, {WORKERS} workers (vs N x raw env)", collect_fps, WORKERS * fast, ">=0.9")
+    record(
+        f"collect frames/s, {WORKERS} workers (vs N x collect, 1 worker)",
+        collect_fps,
+        WORKERS * one_worker,
+        ">=0.9",
+    )
 
     # 3. merge (verified shards → one file) against copying the shard files.
     shards = [tracking.artifact_path(collect_id, p) for p in tracking.list_artifacts(collect_id, "shards")]
