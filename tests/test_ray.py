@@ -40,25 +40,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head` on loopback, 2 CPUs; stages find it through RAY_ADDRESS."""
+    """`ray start --head` on loopback, 2 CPUs; stages find it through RAY_ADDRESS. Without Ray's token
+    authentication (loopback only): a driver reads its auth mode when `ray` is imported, which this
+    module has done already (README: a real cluster sets RAY_AUTH_MODE=token before Python starts)."""
     cli = str(Path(sys.executable).with_name("ray"))  # the venv's, beside this Python
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's sockets live under it
     address = f"127.0.0.1:{_free_port()}"
     subprocess.run(
-        [
-            cli,
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={address.split(':')[1]}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ],
+        [cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}",
+         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
         check=True,
         capture_output=True,
-    )
+        env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
     old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
     yield address
@@ -142,3 +136,16 @@ def test_a_hung_ray_worker_is_killed_after_the_timeout_and_its_task_retried(ray_
     with RayPool(2, _init, (str(tmp_path),), _sleep_once, timeout=5) as pool:
         assert pool.map([0, 1, 2]) == [0, 1, 2]
         assert pool.replaced == 1
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_before_any_work(tmp_path, monkeypatch):
+    from tests.conftest import compose_config
+    from worldmodel.errors import WorldModelError
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    cfg = compose_config("stage=collect", "experiment=smoke", f"paths.outputs={tmp_path}", "backend=ray")
+    with pytest.raises(
+        WorldModelError, match=r"no Ray cluster answers at 127\.0\.0\.1:\d+ .*ray start --head"
+    ):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "refused before any run was created"

@@ -125,7 +125,7 @@ def validate_common(cfg: DictConfig) -> None:
 
 
 def _check_backend(cfg: DictConfig) -> None:
-    """The backend's pool class imports, and says whether what it needs is installed (`check`)."""
+    """The backend's pool class imports, and says whether what it needs is there (its `check`)."""
     module, _, name = str(cfg.backend._target_).rpartition(".")
     try:  # not hydra's get_class, which logs a traceback of its own
         pool = getattr(importlib.import_module(module), name)
@@ -133,4 +133,5 @@ def _check_backend(cfg: DictConfig) -> None:
         raise WorldModelError(
             f"config key 'backend._target_' must name a worker pool class (got {cfg.backend._target_!r})"
         ) from err
-    getattr(pool, "check", lambda: None)()
+    settings = {k: v for k, v in cfg.backend.items() if k not in ("_target_", "name")}
+    getattr(pool, "check", lambda **_: None)(**settings)

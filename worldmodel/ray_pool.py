@@ -15,6 +15,8 @@ one. Every machine of the cluster needs this package installed (as for any Ray p
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -60,7 +62,18 @@ class RayPool:
         ray = _ray()
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            except (
+                ConnectionError,
+                RuntimeError,
+            ) as err:  # what ray.init raises for a cluster it cannot join
+                where = address or os.environ.get("RAY_ADDRESS") or "this machine"
+                raise WorldModelError(
+                    f"backend=ray: cannot join the Ray cluster at {where} ({_one_line(err)[:160]}); "
+                    "a cluster with token authentication needs RAY_AUTH_MODE=token and its token "
+                    "(RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN) set before Python starts"
+                ) from err
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
         workers = min(workers, most or workers)
@@ -73,9 +86,21 @@ class RayPool:
         self.replaced = 0  # actors killed for running past the timeout (Ray counts its own restarts)
 
     @staticmethod
-    def check() -> None:
-        """Before any work: is Ray installed?"""
+    def check(address: str | None = None, **_: Any) -> None:
+        """Before any work: is Ray installed, and does the cluster named by `address` (or RAY_ADDRESS)
+        answer? Ray itself would retry an address that does not answer for minutes."""
         _ray()
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address or address in ("auto", "local") or "://" in address:
+            return
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise WorldModelError(
+                f"backend=ray: no Ray cluster answers at {address} ({err.__class__.__name__}); start one "
+                "with `ray start --head`, or unset RAY_ADDRESS to start Ray on this machine"
+            ) from err
 
     def map(self, payloads: Sequence[Any]) -> list[Any]:
         """Results in the order of `payloads`."""
