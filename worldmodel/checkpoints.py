@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worldmodel.errors import WorldModelError
+from worldmodel.errors import WorldModelError, one_line
 
 
 def save_checkpoint(path: Path, model: nn.Module, **extra: Any) -> None:
@@ -38,9 +38,8 @@ def load_module(cls: type[nn.Module], path: Path | str) -> nn.Module:
         model = cls(**ckpt["hparams"])
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another model, or an older layout
-        reason = " ".join(str(err).split())[:240] or err.__class__.__name__  # one line
         raise WorldModelError(
-            f"{path}: not a {cls.__name__} checkpoint this version can rebuild ({reason}); "
+            f"{path}: not a {cls.__name__} checkpoint this version can rebuild ({one_line(err, 240)}); "
             "re-run the stage that made it"
         ) from err
     return model.eval()

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from worldmodel.errors import WorldModelError
+from worldmodel.parallel import backend_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
@@ -133,5 +134,6 @@ def _check_backend(cfg: DictConfig) -> None:
         raise WorldModelError(
             f"config key 'backend._target_' must name a worker pool class (got {cfg.backend._target_!r})"
         ) from err
-    settings = {k: v for k, v in cfg.backend.items() if k not in ("_target_", "name")}
+    settings = OmegaConf.to_container(backend_settings(cfg.backend))
+    settings.pop("_target_")
     getattr(pool, "check", lambda **_: None)(**settings)

@@ -36,6 +36,33 @@ from worldmodel.errors import WorldModelError
 log = logging.getLogger(__name__)
 
 
+class Pool:
+    """What both backends' pools share: `imap_unordered` and `close` are theirs, the rest is here."""
+
+    def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def map(self, payloads: Sequence[Any]) -> list[Any]:
+        """Results in the order of `payloads`."""
+        done = dict(self.imap_unordered(payloads))
+        return [done[i] for i in range(len(payloads))]
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def backend_settings(backend: DictConfig) -> DictConfig:
+    """A backend config (conf/backend) without `name`, which only tags the runs: `_target_` and the
+    keyword arguments of its pool class."""
+    return OmegaConf.masked_copy(backend, [k for k in backend if k != "name"])
+
+
 def make_pool(
     backend: DictConfig,
     workers: int | None,
@@ -44,11 +71,10 @@ def make_pool(
     task: Callable,
     timeout: float,
     most: int | None = None,
-) -> WorkerPool:
-    """The worker pool that `backend` (conf/backend) names, with its own settings: `WorkerPool` here,
-    or `RayPool` with the same interface."""
-    settings = OmegaConf.masked_copy(backend, [k for k in backend if k != "name"])
-    cls = instantiate(settings, _partial_=True)  # the backend's own settings bound, nothing built yet
+) -> Pool:
+    """The worker pool that `backend` names, with its own settings: `WorkerPool` here, or `RayPool`
+    with the same interface."""
+    cls = instantiate(backend_settings(backend), _partial_=True)  # settings bound, nothing built yet
     return cls(workers, init, init_args, task, timeout=timeout, most=most)
 
 
@@ -77,7 +103,7 @@ def _worker_main(
             results.put((wid, tid, False, f"{err.__class__.__name__}: {err}"))
 
 
-class WorkerPool:
+class WorkerPool(Pool):
     def __init__(
         self,
         workers: int | None,
@@ -125,11 +151,6 @@ class WorkerPool:
         proc.join(timeout=5)
         self.replaced += 1
         self._spawn()
-
-    def map(self, payloads: Sequence[Any]) -> list[Any]:
-        """Results in the order of `payloads`."""
-        done = dict(self.imap_unordered(payloads))
-        return [done[i] for i in range(len(payloads))]
 
     def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """(index, result) pairs as tasks finish; each task's result is yielded exactly once."""
@@ -209,9 +230,3 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
         self.procs.clear()
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from worldmodel.errors import WorldModelError
+from worldmodel.errors import WorldModelError, one_line
+from worldmodel.parallel import Pool
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class _Worker:
         return self.task(self.state, payload)
 
 
-class RayPool:
+class RayPool(Pool):
     def __init__(
         self,
         workers: int | None,
@@ -64,13 +65,11 @@ class RayPool:
         if self.started:
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-            except (
-                ConnectionError,
-                RuntimeError,
-            ) as err:  # what ray.init raises for a cluster it cannot join
+            # What ray.init raises for a cluster it cannot join (down, or refusing this driver's token).
+            except (ConnectionError, RuntimeError) as err:
                 where = address or os.environ.get("RAY_ADDRESS") or "this machine"
                 raise WorldModelError(
-                    f"backend=ray: cannot join the Ray cluster at {where} ({_one_line(err)[:160]}); "
+                    f"backend=ray: cannot join the Ray cluster at {where} ({one_line(err, 160)}); "
                     "a cluster with token authentication needs RAY_AUTH_MODE=token and its token "
                     "(RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN) set before Python starts"
                 ) from err
@@ -102,11 +101,6 @@ class RayPool:
                 "with `ray start --head`, or unset RAY_ADDRESS to start Ray on this machine"
             ) from err
 
-    def map(self, payloads: Sequence[Any]) -> list[Any]:
-        """Results in the order of `payloads`."""
-        done = dict(self.imap_unordered(payloads))
-        return [done[i] for i in range(len(payloads))]
-
     def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """(index, result) pairs as tasks finish; one task at a time per actor, so that a slow worker
         holds back only its own task."""
@@ -130,7 +124,7 @@ class RayPool:
                 try:
                     value = ray.get(ref)
                 except ray.exceptions.RayError as err:
-                    raise WorldModelError(f"a Ray worker failed on task {tid}: {_one_line(err)}") from err
+                    raise WorldModelError(f"a Ray worker failed on task {tid}: {one_line(err)}") from err
                 yield tid, value
             self._kill_hung(running)
 
@@ -154,13 +148,3 @@ class RayPool:
         self.actors, self.shared = [], None
         if self.started:
             ray.shutdown()
-
-    def __enter__(self) -> RayPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:300] or err.__class__.__name__

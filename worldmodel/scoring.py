@@ -24,7 +24,7 @@ from worldmodel.agent import Agent, Rollout, load_rnn, load_vae, play, worker_in
 from worldmodel.envs import make_env
 from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
-from worldmodel.parallel import WorkerPool, make_pool
+from worldmodel.parallel import Pool, make_pool
 from worldmodel.seeds import EVAL, seed_of
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RealScorer:
             rollout_batch,
             timeout,
         )
-        self.pool: WorkerPool | None = None
+        self.pool: Pool | None = None
 
     @property
     def replaced(self) -> int:
