@@ -5,9 +5,15 @@ from __future__ import annotations
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
+import h5py
+import mlflow
+import numpy as np
 import pytest
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
 
 from worldmodel.config import PROJECT_ROOT, STAGES
 
@@ -58,3 +64,80 @@ def test_the_command_as_written_runs_a_stage(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(list(tmp_path.glob("artifacts/*/artifacts/shards/shard_*.h5"))) == 1
+
+
+# The form as a user types it, in a subprocess, with real worker processes: each worker is spawned, and
+# re-imports the parent's main module, so a worker that ran the app again would fail them all.
+
+
+def run_form(tmp_path: Path, *args: str, timeout: int = 300) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", *args, "experiment=smoke", f"paths.outputs={tmp_path}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "bootstrapping phase" not in out.stderr
+
+
+def shards(outputs: Path) -> dict[str, np.ndarray]:
+    files = sorted(outputs.glob("artifacts/*/artifacts/shards/shard_*.h5"))
+    assert len(files) == 2  # experiment=smoke: 4 episodes, 2 a shard
+    arrays: dict[str, list[np.ndarray]] = {}
+    for file in files:
+        with h5py.File(file, "r") as f:
+            for key in ("images", "actions", "rewards", "dones", "episode"):
+                arrays.setdefault(key, []).append(f[key][:])
+    return {k: np.concatenate(v) for k, v in arrays.items()}
+
+
+def finished_runs(outputs: Path) -> dict[str, list]:
+    """The store's runs by stage, each FINISHED, each with `stage=<name>` once in its recorded overrides."""
+    mlflow.set_tracking_uri(f"sqlite:///{outputs}/mlflow.db")
+    client = MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags
+        path = client.download_artifacts(run.info.run_id, "config/hydra/overrides.yaml")
+        overrides = yaml.safe_load(Path(path).read_text())
+        assert sum(o.startswith("stage=") for o in overrides) == 1, overrides
+        assert f"stage={run.data.tags['stage']}" in overrides or "pipeline" in run.data.tags
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    return by_stage
+
+
+def test_the_form_collects_with_two_workers_the_data_of_the_package_form(tmp_path):
+    form, package = tmp_path / "form", tmp_path / "package"
+    run_form(form, "worldmodel.stage=collect", "env=carracing", "collect.workers=2")
+    run_form(package, "worldmodel", "stage=collect", "env=carracing", "collect.workers=2")
+    a, b = shards(form), shards(package)
+    assert a["images"].dtype == np.uint8 and a["images"].shape == (4, 40, 64, 64, 3)
+    for key in b:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    (run,) = finished_runs(form)["collect"]
+    assert run.data.params["collect.workers"] == "2"
+
+
+def test_the_form_runs_the_pipeline_then_real_evolve_and_evaluate_with_workers(tmp_path):
+    run_form(tmp_path, "worldmodel.stage=pipeline", timeout=600)  # every stage, smoke's 2 workers
+    rnn = finished_runs(tmp_path)["train_rnn"][0].info.run_id
+    run_form(
+        tmp_path,
+        "worldmodel.stage=evolve",
+        "evolve.mode=real",
+        "evolve.workers=2",
+        "evolve.generations=1",
+        "evolve.eval_episodes=0",
+        f"inputs.train_rnn={rnn}",
+    )
+    evolve = next(r for r in finished_runs(tmp_path)["evolve"] if r.data.params["evolve.mode"] == "real")
+    evolve_id = evolve.info.run_id
+    run_form(tmp_path, "worldmodel.stage=evaluate", "evaluate.workers=2", f"inputs.evolve={evolve_id}")
+    runs = finished_runs(tmp_path)
+    assert set(runs) == {*STAGES, "pipeline"}
+    assert evolve.data.tags["upstream.train_rnn"] == rnn and "fitness/mean" in evolve.data.metrics
+    scored = [r for r in runs["evaluate"] if r.data.tags["upstream.evolve"] == evolve_id]
+    assert len(scored) == 1 and scored[0].data.metrics["eval/episodes"] == 3

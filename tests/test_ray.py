@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -149,3 +150,19 @@ def test_a_cluster_that_does_not_answer_is_one_line_before_any_work(tmp_path, mo
     ):
         run_stage(cfg)
     assert not (tmp_path / "mlflow.db").exists(), "refused before any run was created"
+
+
+def test_the_stage_form_collects_on_ray_the_local_data(ray_head, tmp_path, collect_run):
+    """`python -m worldmodel.stage=collect backend=ray`, typed as a user would, in a subprocess."""
+    out = subprocess.run(
+        [sys.executable, "-m", "worldmodel.stage=collect", "backend=ray", "collect.workers=2",
+         "experiment=smoke", f"paths.outputs={tmp_path}"],
+        cwd=tracking.PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted(tmp_path.glob("artifacts/*/artifacts/shards/shard_*.h5"))
+    local = shard_arrays(collect_run)
+    with h5py.File(files[0], "r") as first, h5py.File(files[1], "r") as second:
+        for key in local:
+            np.testing.assert_array_equal(np.concatenate([first[key][:], second[key][:]]), local[key], key)
