@@ -164,14 +164,52 @@ def test_initial_z_from_the_prior():
     assert torch.equal(z[:3], initial_latents(None, None, [0, 1, 2], 8))
 
 
-def test_done_positive_weight_and_training_dropout():
-    rnn = MDNRNN(4, 3, hidden=8, mixtures=2, dropout=0.5)
+def test_variational_dropout_holds_one_mask_per_sequence_on_z_and_the_recurrent_h():
+    torch.manual_seed(0)
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2, dropout=0.5).train()
+    z, a = torch.randn(2, 6, 4), torch.rand(2, 6, 3)
+    ones = (torch.ones(2, 4), torch.ones(2, 8))
+    torch.testing.assert_close(rnn(z, a, masks=ones)[0].reward, rnn(z, a)[0].reward, rtol=1e-5, atol=1e-6)
+    masks = rnn.dropout_masks(2, 0.5, torch.Generator().manual_seed(1))
+    assert masks[0].shape == (2, 4) and masks[1].shape == (2, 8)
+    assert set(masks[0].unique().tolist()) <= {0.0, 2.0}, "kept units are scaled by 1 / (1 - p)"
+    dropped = rnn(z, a, masks=masks)[0].reward
+    assert not torch.allclose(dropped, rnn(z, a)[0].reward), "the masks change the world"
+    # a dropped z dimension is dropped at every step: changing it changes nothing
+    masks = (torch.tensor([[0.0, 2, 2, 2]] * 2), torch.full((2, 8), 2.0))
+    other = z.clone()
+    other[..., 0] += 5
+    torch.testing.assert_close(rnn(z, a, masks=masks)[0].reward, rnn(other, a, masks=masks)[0].reward)
+    # one step at a time, as a dream runs it, gives what the sequence gives
+    state, steps = rnn.initial_state(2), []
+    for t in range(6):
+        out, state = rnn.step(z[:, t], a[:, t], state, masks)
+        steps.append(out.reward)
+    torch.testing.assert_close(torch.stack(steps, 1), rnn(z, a, masks=masks)[0].reward, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sampled_done_takes_the_loss_weight_out_of_the_probability():
+    """The weighted BCE's optimum is logit(p) + log(w); M's done_probability gives p back."""
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2, done_pos_weight=10.0)
+    dones = torch.rand(20000, generator=torch.Generator().manual_seed(0)) < 0.1
+    logit = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logit.expand(len(dones)), dones.float(), pos_weight=torch.tensor(10.0)
+        )
+        loss.backward()
+        opt.step()
+    assert float(torch.sigmoid(logit.detach())) > 0.45, "the weighted optimum is inflated ~10×"
+    assert abs(float(rnn.done_probability(logit.detach())) - float(dones.float().mean())) < 0.01
+    assert MDNRNN(4, 3, hidden=8, mixtures=2).done_probability(torch.tensor(0.0)) == 0.5
+
+
+def test_done_positive_weight():
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2).eval()
     z, a = torch.randn(2, 5, 4), torch.rand(2, 5, 3)
-    rnn.train()
-    assert not torch.allclose(rnn(z, a)[0].reward, rnn(z, a)[0].reward), "dropout is on in training"
-    rnn.eval()
     out, _, _ = rnn(z, a)
-    torch.testing.assert_close(out.reward, rnn(z, a)[0].reward)
     done = torch.zeros(2, 5, dtype=torch.bool)
     done[:, -1] = True
     args = (out, torch.randn(2, 5, 4), torch.zeros(2, 5), done)

@@ -1,6 +1,10 @@
 """The World Models agent in the real env: frame → VAE → z, controller on [z, h] → action, MDN-RNN
 updates h. Used by real-mode evolve workers, `stage=evaluate` and the `controller` policy.
 
+The agent reads z as the VAE's mean μ, or as a sample from its posterior (`agent.z=sample`, as the
+paper's code and Dropout's Dream Land do, so C and M see in the real env what they see in the dream); each
+row's noise comes from its own generator, seeded by its episode.
+
 An agent drives `slots` envs in lockstep with one batched V → C → M forward per step over the envs
 still running. Torch's CPU kernels round differently for different batch sizes, so a rollout's result
 depends (in the last float bits, and so after many steps in its trajectory) on the rollouts it shares a
@@ -16,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from worldmodel.checkpoints import load_module
-from worldmodel.envs import PixelEnv
+from worldmodel.envs import PixelEnv, action_space
+from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE, to_input
@@ -44,11 +50,40 @@ def load_controller(path: Path | str) -> Controller:
     return load_module(Controller, path)
 
 
+def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
+    """A new controller (all zeros) for M's latent and memory and the env's actions, shaped by the
+    evolve settings (`evolve.inputs`, `hidden`, `clip_actions`)."""
+    hp, space = cfg.evolve, action_space(cfg.env)
+    if rnn.action_dim != space.dim:
+        raise WorldModelError(
+            f"this MDN-RNN takes {rnn.action_dim}-d actions but env={cfg.env.name} has {space.dim}; "
+            "train M on this env's data"
+        )
+    return Controller(
+        rnn.latent,
+        rnn.hidden,
+        rnn.action_dim,
+        str(hp.inputs),
+        int(hp.hidden),
+        low=space.low.tolist(),
+        high=space.high.tolist(),
+        discrete=space.kind == "discrete",
+        clip=list(hp.clip_actions) if space.kind == "box" else None,
+    )
+
+
+Z_KINDS = ("mean", "sample")
+
+
 class Agent:
     """V, M and C acting for `slots` envs at once; row i of every batch belongs to env i."""
 
-    def __init__(self, vae: VAE, rnn: MDNRNN, controller: Controller, slots: int = 1) -> None:
-        self.vae, self.rnn, self.controller, self.slots = vae, rnn, controller, slots
+    def __init__(
+        self, vae: VAE, rnn: MDNRNN, controller: Controller, slots: int = 1, z: str = "mean"
+    ) -> None:
+        if z not in Z_KINDS:
+            raise ValueError(f"z must be one of {Z_KINDS}, got {z!r}")
+        self.vae, self.rnn, self.controller, self.slots, self.z = vae, rnn, controller, slots, z
         self.set_params(controller.get_flat().expand(slots, -1))
 
     def set_params(self, params: np.ndarray | torch.Tensor) -> None:
@@ -62,8 +97,11 @@ class Agent:
         self.params[: len(params)] = params
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, seeds: Sequence[int] | None = None) -> None:
+        """A fresh memory for every row; row i's z noise (agent.z=sample) from seeds[i] (default i)."""
         self.state = self.rnn.initial_state(self.slots)
+        seeds = list(seeds or []) + list(range(len(seeds or []), self.slots))
+        self.noise = [torch.Generator().manual_seed(int(s)) for s in seeds]
         # per row, what the controller read: [count, Σx, Σx²] (evolve.normalize's statistics)
         self.tally = np.zeros((self.slots, 1 + 2 * self.controller.in_dim))
 
@@ -74,7 +112,11 @@ class Agent:
         picked = slice(None) if rows is None else np.asarray(rows)
         rows = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         h, c = self.state[0][:, rows], self.state[1][:, rows]
-        z, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
+        z, logvar = self.vae.encode(to_input(torch.from_numpy(frames)))
+        if self.z == "sample":
+            ids = range(self.slots)[picked] if isinstance(picked, slice) else picked
+            eps = torch.stack([torch.randn(z.shape[1], generator=self.noise[i]) for i in ids])
+            z = z + eps * torch.exp(0.5 * logvar)
         x = self.controller.inputs_of(z, h[0]).double().numpy()
         self.tally[picked] += np.concatenate([np.ones((len(x), 1)), x, x * x], axis=1)
         action = self.controller.act(self.params[rows], z, h[0])
@@ -124,7 +166,7 @@ def play(
     if n > agent.slots or n > len(envs):
         raise ValueError(f"{n} episodes for {agent.slots} agent slots and {len(envs)} envs")
     frames = np.stack([envs[i].reset(seed=int(seed)) for i, seed in enumerate(seeds)])
-    agent.reset()
+    agent.reset(seeds)
     out = [Rollout(0.0, 0) for _ in seeds]
     idle = [0] * n  # steps since the last positive reward
     active = list(range(n))

@@ -119,6 +119,7 @@ def validate_common(cfg: DictConfig) -> None:
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
+    one_of(cfg, "agent.z", ["mean", "sample"])
     _check_backend(cfg)
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
     if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage

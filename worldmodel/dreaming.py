@@ -9,22 +9,29 @@ population × rollouts as one batch per step).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from worldmodel.models.controller import Controller
-from worldmodel.models.mdnrnn import MDNRNN, sample_with_noise
+from worldmodel.models.mdnrnn import MDNRNN, Masks, sample_with_noise
 
 NOISE_CHUNK = 50  # steps of noise drawn at a time per rollout
 
 
 def initial_latents(
-    mu: np.ndarray | None, logvar: np.ndarray | None, seeds: Sequence[int], latent: int = 0
+    mu: np.ndarray | None,
+    logvar: np.ndarray | None,
+    seeds: Sequence[int],
+    latent: int = 0,
+    z_kind: str = "sample",
 ) -> torch.Tensor:
     """One starting z per seed: a real initial frame's latent (picked by the seed), sampled from its
-    posterior; mu, logvar: (E, Z) latents of first frames. With mu = None, z ~ N(0, I) of size `latent`
-    (the VAE's prior, as Dropout's Dream Land starts its dreams)."""
+    posterior, or its mean (`z_kind="mean"`, agent.z); mu, logvar: (E, Z) latents of first frames.
+    With mu = None, z ~ N(0, I) of size `latent` (the VAE's prior, as Dropout's Dream Land starts its
+    dreams)."""
     size = latent if mu is None else mu.shape[1]
     out = np.empty((len(seeds), size), np.float32)
     for i, seed in enumerate(seeds):
@@ -33,7 +40,8 @@ def initial_latents(
             out[i] = rng.standard_normal(size)
             continue
         e = rng.integers(len(mu))
-        out[i] = mu[e] + np.exp(0.5 * logvar[e]) * rng.standard_normal(size)
+        noise = rng.standard_normal(size)
+        out[i] = mu[e] if z_kind == "mean" else mu[e] + np.exp(0.5 * logvar[e]) * noise
     return torch.from_numpy(out)
 
 
@@ -45,10 +53,10 @@ class _Noise:
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.latent, self.t0, self.u, self.eps, self.u_done = latent, 0, None, None, None
 
-    def dropout_mask(self, hidden: int, rate: float) -> torch.Tensor:
-        """One mask (N, H) per rollout, scaled by 1/(1 − rate), from the rollout's own generator."""
-        keep = torch.stack([torch.rand(hidden, generator=g) for g in self.gens]) >= rate
-        return keep.float() / (1 - rate)
+    def dropout_masks(self, rnn: MDNRNN, rate: float) -> Masks:
+        """One variational mask pair per rollout (on z and on the recurrent h), from its own generator."""
+        pairs = [rnn.dropout_masks(1, rate, g) for g in self.gens]
+        return torch.cat([z for z, _ in pairs]), torch.cat([h for _, h in pairs])
 
     def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.u is None or t >= self.t0 + NOISE_CHUNK:
@@ -73,18 +81,22 @@ def dream_rollouts(
     record: bool = False,
     dropout: float = 0.0,
     sample_done: bool = False,
+    done_reward: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run N dreams at once: params (N, n_params) (one controller per row), z0 (N, Z), one seed per row.
     Returns the total predicted reward per row (counted until the dream ends), and with `record` the
     latents visited (T, N, Z).
 
-    `dropout` > 0 gives each rollout its own dropout mask on M, held for the whole dream, so a
-    controller cannot fit one model's quirks (Dropout's Dream Land). A dream ends when M predicts done:
-    P(done) > 0.5, or with `sample_done` a draw from Bernoulli(P(done)) at every step."""
+    `dropout` > 0 gives each rollout its own variational dropout masks on M (z and the recurrent h),
+    held for the whole dream, so a controller cannot fit one model's quirks (Dropout's Dream Land). A
+    dream ends when M predicts done: P(done) > 0.5, or with `sample_done` a draw from Bernoulli(P(done))
+    at every step, P with the done loss's weight taken out. A dream that ends so, before `max_steps`,
+    also earns `done_reward`: what the real env pays for that ending (CarRacing: −100 for leaving the
+    playfield), so that ending early does not pay."""
     n = z0.shape[0]
     z, state = z0, rnn.initial_state(n)
     noise = _Noise(seeds, rnn.latent)
-    mask = noise.dropout_mask(rnn.hidden, dropout) if dropout > 0 else None
+    masks = noise.dropout_masks(rnn, dropout) if dropout > 0 else None
     total = torch.zeros(n)
     alive = torch.ones(n, dtype=torch.bool)
     visited = [] if record else None
@@ -92,12 +104,76 @@ def dream_rollouts(
         if record:
             visited.append(z)
         action = controller.act(params, z, state[0][0])
-        out, state = rnn.step(z, action, state, mask)
+        out, state = rnn.step(z, action, state, masks)
         total += torch.where(alive, out.reward, torch.zeros(()))
         u, eps, u_done = noise.at(t)
-        p_done = torch.sigmoid(out.done_logit)
-        alive &= ~(u_done < p_done) if sample_done else p_done <= 0.5
+        p_done = rnn.done_probability(out.done_logit)
+        ends = alive & ((u_done < p_done) if sample_done else p_done > 0.5)
+        total += torch.where(ends, torch.tensor(float(done_reward)), torch.zeros(()))
+        alive &= ~ends
         if not alive.any():
             break
         z = sample_with_noise(out.mixture, temperature, u, eps)
     return total, (torch.stack(visited) if record else None)
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """How a controller is scored inside the learned world (evolve's dream settings)."""
+
+    max_steps: int
+    temperature: float
+    dropout: float = 0.0
+    sample_done: bool = False
+    done_reward: float = 0.0
+    z: str = "sample"  # agent.z: how starting latents are read from real first frames
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> DreamSettings:
+        """evolve's dream; a dreamed done earns `evolve.done_reward`, or by default the env's
+        `terminal_reward`."""
+        hp = cfg.evolve
+        done_reward = cfg.env.get("terminal_reward", 0.0) if hp.done_reward is None else hp.done_reward
+        return cls(
+            int(hp.max_steps),
+            float(hp.temperature),
+            float(hp.dream_dropout),
+            hp.dream_done == "sample",
+            float(done_reward),
+            str(cfg.agent.z),
+        )
+
+
+def dream_returns(
+    rnn: MDNRNN,
+    controller: Controller,
+    solutions: np.ndarray,
+    seeds: Sequence[int],
+    starts: tuple[np.ndarray | None, np.ndarray | None],
+    settings: DreamSettings,
+) -> np.ndarray:
+    """Dreamed returns (P, R) of each row of `solutions` (P, n_params) on each rollout seed, all P × R
+    dreams in one batch (row c·R + r is candidate c on seed r). `starts`: first frames' (mu, logvar),
+    or (None, None) for z ~ N(0, I)."""
+    p, r = len(solutions), len(seeds)
+    params = torch.from_numpy(np.asarray(solutions, np.float32)).repeat_interleave(r, dim=0)
+    row_seeds = list(seeds) * p
+    z0 = initial_latents(*starts, row_seeds, rnn.latent, settings.z)
+    returns, _ = dream_rollouts(
+        rnn,
+        controller,
+        params,
+        z0,
+        row_seeds,
+        settings.max_steps,
+        settings.temperature,
+        dropout=settings.dropout,
+        sample_done=settings.sample_done,
+        done_reward=settings.done_reward,
+    )
+    return returns.view(p, r).numpy()
+
+
+def dream_fitness(*args, **kwargs) -> np.ndarray:
+    """The mean of `dream_returns` over the seeds: one fitness per candidate."""
+    return dream_returns(*args, **kwargs).mean(1)

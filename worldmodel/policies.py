@@ -219,26 +219,27 @@ class ControllerPolicy(Policy):
         run_id: str | None = None,
         paths: dict | None = None,
         name: str = "controller",
+        z: str = "mean",
     ) -> None:
         super().__init__(space, rng, name)
         from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, worker_inference
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
-        key = (paths["controller"], paths["vae"], paths["rnn"])
+        key = (paths["controller"], paths["vae"], paths["rnn"], z)
         if key not in self._agents:
             import multiprocessing
 
             if multiprocessing.parent_process() is not None:  # a collect worker: one core each
                 worker_inference()
             self._agents[key] = Agent(
-                load_vae(paths["vae"]), load_rnn(paths["rnn"]), load_controller(paths["controller"])
+                load_vae(paths["vae"]), load_rnn(paths["rnn"]), load_controller(paths["controller"]), z=z
             )
         self.agent = self._agents[key]
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
-            self.agent.reset()
+            self.agent.reset([int(self.rng.integers(2**31))])
         return self.agent.act(frame[None])[0]
 
 

@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 # ---- the workers (module-level functions: the pool spawns) ------------------------------------------
 
 
-def init_worker(weights: dict[str, bytes], env_cfg: dict, controller_hparams: dict, slots: int) -> tuple:
+def init_worker(
+    weights: dict[str, bytes], env_cfg: dict, controller_hparams: dict, slots: int, z: str = "mean"
+) -> tuple:
     """`weights`: the V and M checkpoints' bytes, not their paths, since a Ray worker may be elsewhere."""
     worker_inference()
     vae, rnn = (load(io.BytesIO(weights[k])) for load, k in ((load_vae, "vae"), (load_rnn, "rnn")))
-    agent = Agent(vae, rnn, Controller(**controller_hparams), slots)
+    agent = Agent(vae, rnn, Controller(**controller_hparams), slots, z)
     return [make_env(OmegaConf.create(env_cfg)) for _ in range(slots)], agent
 
 
@@ -61,9 +63,10 @@ class RealScorer:
         env_cfg: DictConfig,
         controller_hparams: dict,
         timeout: float,
+        z: str = "mean",
     ) -> None:
         """`backend`: conf/backend; `workers`: processes, None for one per core (or per Ray CPU);
-        `envs_per_worker`: envs each steps in lockstep."""
+        `envs_per_worker`: envs each steps in lockstep; `z`: how the agent reads the VAE (agent.z)."""
         self.slots = int(envs_per_worker)
         load_vae(paths["vae"]), load_rnn(paths["rnn"])  # a bad checkpoint fails here, named, not in a worker
         weights = {k: Path(paths[k]).read_bytes() for k in ("vae", "rnn")}
@@ -72,7 +75,7 @@ class RealScorer:
             backend,
             workers,
             init_worker,
-            (weights, env, controller_hparams, self.slots),
+            (weights, env, controller_hparams, self.slots, z),
             rollout_batch,
             timeout,
         )

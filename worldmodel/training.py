@@ -69,6 +69,18 @@ class World:
     vae_run: Run
     encode_id: str
 
+    def dream_starts(self, cfg: DictConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Where dreams start: the (mu, logvar) of the training episodes' first frames, or nothing
+        (`evolve.initial_z=normal`: z ~ N(0, I), as `initial_latents` takes it)."""
+        if cfg.evolve.initial_z == "normal":
+            return None, None
+        from worldmodel.data import latents
+        from worldmodel.data.datasets import episodes_in
+
+        path = tracking.artifact_path(self.encode_id, "latents.h5")
+        latents.inspect(path, int(cfg.latent.size))
+        return latents.first_steps(path, episodes_in(path, "train"))
+
     @property
     def upstream(self) -> dict[str, str]:
         return {
@@ -85,6 +97,16 @@ def resolve_world(cfg: DictConfig) -> World:
     vae_id = cfg.inputs.train_vae or rnn_run.data.tags.get("upstream.train_vae")
     vae_run = tracking.resolve_run(cfg, "train_vae", vae_id, compat | {"image_size": str(cfg.env.image_size)})
     return World(rnn_run, vae_run, rnn_run.data.tags["upstream.encode"])
+
+
+def check_agent_z(cfg: DictConfig, upstream: Run) -> None:
+    """`agent.z` must be what the upstream run was made with (where it records one)."""
+    made = upstream.data.params.get("agent.z")
+    if made is not None and made != str(cfg.agent.z):
+        raise WorldModelError(
+            f"config key 'agent.z' is {cfg.agent.z} but {upstream.data.tags.get('stage', 'run')} run "
+            f"{upstream.info.run_id} was made with agent.z={made}; set agent.z={made} or use another run"
+        )
 
 
 def agent_files(evolve_run: Run) -> dict[str, str]:

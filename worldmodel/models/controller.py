@@ -2,7 +2,10 @@
 
 Linear by default (the paper: 867 parameters for z = 32, h = 256 and 3 actions), or with one tanh
 hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Box actions are
-tanh-bounded into [low, high] (defaults: CarRacing's, steering in [-1, 1], gas and brake in [0, 1]);
+tanh-bounded into [low, high] (defaults: CarRacing's, steering in [-1, 1], gas and brake in [0, 1]):
+a symmetric range scales tanh, any other takes (tanh + 1) / 2 onto it, and the dimensions in `clip`
+take clip(tanh, low, high) instead (the paper's and Dropout's Dream Land's brake: a zero output is no
+brake, where (tanh + 1) / 2 starts every candidate at half brake);
 `discrete` actions are the one-hot argmax of logits. The first action's logit is fixed at 0 and the
 layer outputs the others, as in multinomial logistic regression: only logit differences choose an
 action, and the redundant half of a 2-action layer would only double the dimension CMA-ES searches.
@@ -35,6 +38,7 @@ class Controller(nn.Module):
         discrete: bool = False,
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
+        clip: list[int] | None = None,
     ) -> None:
         super().__init__()
         # Without bounds: CarRacing's (checkpoints from before the env config carried them), else [-1, 1].
@@ -43,6 +47,9 @@ class Controller(nn.Module):
         )
         self.high = list(high) if high is not None else [1.0] * action_dim
         self.discrete = discrete
+        self.clip = sorted(int(d) for d in clip or [])
+        if any(not 0 <= d < action_dim for d in self.clip):
+            raise ValueError(f"clip names action dimensions in [0, {action_dim}), got {self.clip}")
         if inputs not in ("zh", "z"):
             raise ValueError(f"inputs must be 'zh' or 'z', got {inputs!r}")
         self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
@@ -59,6 +66,8 @@ class Controller(nn.Module):
             None if self.input_mean is None else (torch.tensor(self.input_mean), torch.tensor(self.input_std))
         )
         self._bounds = torch.tensor(self.low), torch.tensor(self.high)
+        self._clipped = torch.zeros(action_dim, dtype=torch.bool)
+        self._clipped[self.clip] = True
         if hidden_units:
             self.shapes = [
                 (self.in_dim, hidden_units),
@@ -84,6 +93,7 @@ class Controller(nn.Module):
             "discrete": self.discrete,
             "input_mean": self.input_mean,
             "input_std": self.input_std,
+            "clip": self.clip,
         }
 
     def get_flat(self) -> torch.Tensor:
@@ -125,8 +135,9 @@ class Controller(nn.Module):
             return F.one_hot(logits.argmax(-1), self.action_dim).to(raw.dtype)
         squashed = torch.tanh(raw)
         low, high = self._bounds
-        # A symmetric range scales tanh; any other maps [-1, 1] onto [low, high].
-        return torch.where(low == -high, squashed * high, low + (squashed + 1) / 2 * (high - low))
+        # A symmetric range scales tanh; any other maps [-1, 1] onto [low, high], or clips to it.
+        mapped = torch.where(low == -high, squashed * high, low + (squashed + 1) / 2 * (high - low))
+        return torch.where(self._clipped, torch.maximum(torch.minimum(squashed, high), low), mapped)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """This controller's own parameters on a batch of inputs."""

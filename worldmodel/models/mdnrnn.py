@@ -3,6 +3,14 @@ z_{t+1}, the reward r_t and whether the episode ends (a logit). Pure torch, no I
 
 The mixture NLL is computed in log space with log-sum-exp and clamped log-sigmas, so extreme inputs
 give large but finite losses (public implementations are known to produce NaN or −1e22 here).
+
+Dropout is variational, as in Dropout's Dream Land (Gal & Ghahramani's recurrent dropout): one mask per
+sequence on the z input and one on the recurrent h inside the LSTM, held for every step, in training
+and, with a mask per rollout, in a dream. The action is never dropped.
+
+The done head is trained with `done_pos_weight` on the rare done steps, whose optimum is the logit of
+P(done) plus log(weight); `done_probability` takes that back out, so a sampled done is not drawn ~weight×
+too often.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ LOG_SIGMA_MIN, LOG_SIGMA_MAX = -7.0, 5.0
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 State = tuple[torch.Tensor, torch.Tensor]
+Masks = tuple[torch.Tensor, torch.Tensor]  # on z (B, Z) and on the recurrent h (B, H), scaled by 1/(1 − p)
 
 
 @dataclass
@@ -36,23 +45,41 @@ class MDNOutput:
 
 class MDNRNN(nn.Module):
     def __init__(
-        self, latent: int, action_dim: int = 3, hidden: int = 256, mixtures: int = 5, dropout: float = 0.0
+        self,
+        latent: int,
+        action_dim: int = 3,
+        hidden: int = 256,
+        mixtures: int = 5,
+        dropout: float = 0.0,
+        done_pos_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.latent, self.action_dim, self.hidden, self.mixtures = latent, action_dim, hidden, mixtures
-        self.dropout = dropout  # on h before the heads, in training (Dropout's Dream Land)
+        self.dropout = dropout  # variational, on z and the recurrent h, in training
+        self.done_pos_weight = done_pos_weight  # what the done head was trained with
         self.lstm = nn.LSTM(latent + action_dim, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 3 * latent * mixtures + 2)
 
     @property
-    def hparams(self) -> dict[str, int]:
+    def hparams(self) -> dict[str, int | float]:
         return {
             "latent": self.latent,
             "action_dim": self.action_dim,
             "hidden": self.hidden,
             "mixtures": self.mixtures,
             "dropout": self.dropout,
+            "done_pos_weight": self.done_pos_weight,
         }
+
+    def done_probability(self, done_logit: torch.Tensor) -> torch.Tensor:
+        """P(done), with the done loss's weight taken out of the logit."""
+        return torch.sigmoid(done_logit - math.log(self.done_pos_weight))
+
+    def dropout_masks(self, batch: int, rate: float, generator: torch.Generator | None = None) -> Masks:
+        """One variational mask per sequence: on z (batch, Z) and on the recurrent h (batch, H)."""
+        keep = torch.rand(batch, self.latent + self.hidden, generator=generator) >= rate
+        masks = keep.float() / (1 - rate)
+        return masks[:, : self.latent], masks[:, self.latent :]
 
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> State:
         zeros = torch.zeros(1, batch, self.hidden, device=device)
@@ -71,33 +98,52 @@ class MDNRNN(nn.Module):
         return MDNOutput(mixture, out[..., -2], out[..., -1])
 
     def forward(
-        self, z: torch.Tensor, a: torch.Tensor, state: State | None = None
+        self, z: torch.Tensor, a: torch.Tensor, state: State | None = None, masks: Masks | None = None
     ) -> tuple[MDNOutput, torch.Tensor, State]:
-        """Sequences z (B, T, Z), a (B, T, A) → predictions for every step, hidden states h (B, T, H)."""
-        h, state = self.lstm(torch.cat([z, a], dim=-1), state)
-        return self._heads(F.dropout(h, self.dropout, self.training)), h, state
+        """Sequences z (B, T, Z), a (B, T, A) → predictions for every step, hidden states h (B, T, H).
+        With `masks` (variational dropout, one pair per sequence, from `dropout_masks`) the LSTM runs
+        step by step; without, as one nn.LSTM call."""
+        if masks is None:
+            h, state = self.lstm(torch.cat([z, a], dim=-1), state)
+            return self._heads(h), h, state
+        state = state or self.initial_state(z.shape[0], z.device)
+        lstm = self.lstm
+        # The input half of the gates for every step at once; the recurrence step by step.
+        x = torch.cat([z * masks[0].unsqueeze(1), a], dim=-1)
+        inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
+        hs = []
+        for t in range(z.shape[1]):
+            state = self._cell(inputs[:, t], state, masks[1])
+            hs.append(state[0][0])
+        h = torch.stack(hs, dim=1)
+        return self._heads(h), h, state
 
     def step(
-        self, z: torch.Tensor, a: torch.Tensor, state: State, mask: torch.Tensor | None = None
+        self, z: torch.Tensor, a: torch.Tensor, state: State, masks: Masks | None = None
     ) -> tuple[MDNOutput, State]:
         """One step for the controller and the dream: z (B, Z), a (B, A) → predictions, new state.
-        The new hidden h is `state[0][0]`. `mask` (B, H), already scaled by 1/(1 − p), is a dropout mask
-        on h before the heads: a dream holds one per rollout, a fresh world model each time."""
-        state = self.advance(z, a, state)
-        h = state[0][0]
-        return self._heads(h if mask is None else h * mask), state
+        The new hidden h is `state[0][0]`. `masks` (from `dropout_masks`) drop z and the recurrent h:
+        a dream holds one pair per rollout, a fresh world model each time."""
+        state = self.advance(z, a, state, masks)
+        return self._heads(state[0][0]), state
 
-    def advance(self, z: torch.Tensor, a: torch.Tensor, state: State) -> State:
+    def advance(self, z: torch.Tensor, a: torch.Tensor, state: State, masks: Masks | None = None) -> State:
         """The memory update alone (what an agent in the real env needs: h, not the predictions).
 
         The LSTM cell is written out with the nn.LSTM's own weights: for a single step it is ~6× faster
         than calling nn.LSTM (whose per-call overhead dominates), and agrees with it to float rounding."""
         lstm = self.lstm
-        h, c = state[0][0], state[1][0]
+        if masks is not None:
+            z = z * masks[0]
         gates = torch.addmm(
             lstm.bias_ih_l0 + lstm.bias_hh_l0, torch.cat([z, a], dim=-1), lstm.weight_ih_l0.t()
         )
-        gates = torch.addmm(gates, h, lstm.weight_hh_l0.t())
+        return self._cell(gates, state, None if masks is None else masks[1])
+
+    def _cell(self, input_gates: torch.Tensor, state: State, h_mask: torch.Tensor | None) -> State:
+        """input_gates: x W_ih + biases (B, 4H); the recurrent h is dropped by `h_mask` inside the cell."""
+        h, c = state[0][0], state[1][0]
+        gates = torch.addmm(input_gates, h if h_mask is None else h * h_mask, self.lstm.weight_hh_l0.t())
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -198,6 +198,7 @@ def _resolve_controller(cfg: DictConfig) -> dict[str, str]:
     evolve = tracking.resolve_run(cfg, "evolve", cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
     with open_dict(cfg):
         cfg.policy.paths = training.agent_files(evolve)
+        cfg.policy.z = cfg.agent.z
     return {"evolve": evolve.info.run_id}
 
 

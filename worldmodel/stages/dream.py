@@ -5,10 +5,18 @@
   the dream. The latent prediction error against the real latents is logged per step.
 - `dream.mode=free`: start from a real initial latent and let the evolve run's controller
   (`dream.use_controller=true`) or the `policy` group act inside the dream.
+- `dream.mode=fidelity`: does the dream rank controllers as the real env does? Probes, random
+  candidates and the controllers of the evolve runs named in `inputs.evolve` (one id or a list) are
+  scored in the dream (evolve's dream settings, `dream.fidelity_dreams` each) and in the real env
+  (`dream.fidelity_tracks` full tracks each), all through this world's V and M. Logs
+  `fidelity/spearman`, the scatter plot `fidelity/dream_vs_real.png` with its table
+  `fidelity/controllers.csv`, and M's teacher-forced reward error per `dream.fidelity_block` steps
+  over the held-out episodes (`fidelity/reward_blocks.csv`, metric `fidelity/reward_mse` by block).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 
 import h5py
@@ -17,25 +25,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import policies, tracking, training
-from worldmodel.agent import load_controller, load_rnn, load_vae
-from worldmodel.config import check, one_of, positive_int
+from worldmodel import fidelity, policies, tracking, training
+from worldmodel.agent import controller_for, load_controller, load_rnn, load_vae
+from worldmodel.config import check, is_int, one_of, positive_int
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
-from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.dreaming import DreamSettings, dream_returns, dream_rollouts, initial_latents
 from worldmodel.envs import action_space
 from worldmodel.images import save_gif
+from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import sample
 from worldmodel.models.vae import VAE
 from worldmodel.policies import make_policy
-from worldmodel.seeds import DREAM, seed_of
+from worldmodel.scoring import RealScorer
+from worldmodel.seeds import DREAM, FIDELITY, seed_of
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    one_of(cfg, "dream.mode", ["replay", "free"])
+    one_of(cfg, "dream.mode", ["replay", "free", "fidelity"])
     positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
+    positive_int(cfg, "dream.fidelity_dreams", "dream.fidelity_tracks", "dream.fidelity_block")
+    check(cfg, "dream.fidelity_random", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")
     if cfg.dream.mode == "free" and not cfg.dream.use_controller:
         policies.validate(cfg)
@@ -54,6 +66,8 @@ def run(cfg: DictConfig) -> str:
     vae = load_vae(training.checkpoint_path(world.vae_run.info.run_id))
     rnn = load_rnn(training.checkpoint_path(world.rnn_run.info.run_id))
     upstream = world.upstream
+    if cfg.dream.mode == "fidelity":
+        return _fidelity(cfg, world, rnn)
     controller = None
     if cfg.dream.mode == "free" and cfg.dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)
@@ -140,3 +154,144 @@ def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_plac
     log.info(
         "dream free: %d dreams of up to %d steps, predicted return %.1f", n, steps, float(returns.mean())
     )
+
+
+# ---- dream.mode=fidelity ------------------------------------------------------------------------------
+
+
+def _fidelity(cfg: DictConfig, world: training.World, rnn) -> str:
+    named = _named_controllers(cfg, world)
+    upstream = world.upstream | {f"evolve.{i}": run_id for i, run_id in enumerate(named)}
+    with tracking.stage_run(
+        cfg, "dream", ["dream", "latent", "agent"], upstream, {"mode": "fidelity"}
+    ) as run:
+        groups = _fidelity_candidates(cfg, rnn, named)
+        rows = [
+            row
+            for controller, candidates in groups
+            for row in _score(cfg, world, rnn, controller, candidates)
+        ]
+        names = [r["controller"] for r in rows]
+        dream, real = (np.array([r[k] for r in rows]) for k in ("dream_mean", "real_mean"))
+        rho = fidelity.spearman(dream, real)
+        mlflow.log_metrics({"fidelity/spearman": rho, "fidelity/controllers": len(rows)})
+        _write_csv("fidelity/controllers.csv", rows)
+        with tracking.artifact("fidelity/dream_vs_real.png") as path:
+            fidelity.scatter(names, dream, real, rho, path)
+        for r in rows:
+            log.info(
+                "fidelity: %-28s dream %8.1f  real %8.1f", r["controller"], r["dream_mean"], r["real_mean"]
+            )
+        log.info("fidelity: Spearman ρ = %.3f over %d controllers", rho, len(rows))
+        _reward_blocks(cfg, world, rnn)
+        return run.info.run_id
+
+
+def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, Controller]:
+    """The controllers of the evolve runs in `inputs.evolve` (none, one id or a list), by run id."""
+    ids = cfg.inputs.evolve
+    ids = [] if ids is None else [ids] if isinstance(ids, str) else list(ids)
+    out = {}
+    for run_id in ids:
+        run = tracking.resolve_run(cfg, "evolve", str(run_id), {"latent_size": str(cfg.latent.size)})
+        out[run.info.run_id] = load_controller(training.agent_files(run)["controller"])
+        if run.data.tags.get("upstream.train_rnn") != world.rnn_run.info.run_id:
+            log.warning("fidelity: evolve run %s was trained on another M; here it reads this M's h", run_id)
+    return out
+
+
+def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Controller, dict[str, np.ndarray]]]:
+    """Groups of (controller shape, {name: parameters}): the probes and random candidates take the first
+    named controller's shape (or evolve's), each named controller its own."""
+    base = next(iter(named.values()), None) or controller_for(cfg, rnn)
+    rng = np.random.default_rng(seed_of(int(cfg.seed), FIDELITY, 2))
+    first = fidelity.probes(base)
+    for i in range(int(cfg.dream.fidelity_random)):
+        first[f"random {i}"] = rng.normal(0, float(cfg.evolve.sigma0), base.n_params).astype(np.float32)
+    groups = [(base, first)]
+    for run_id, controller in named.items():
+        name = f"evolve {run_id[:8]}"
+        if controller.hparams == base.hparams:
+            first[name] = controller.get_flat().numpy()
+        else:
+            groups.append((controller, {name: controller.get_flat().numpy()}))
+    return groups
+
+
+def _score(
+    cfg: DictConfig, world: training.World, rnn, controller: Controller, candidates: dict
+) -> list[dict]:
+    """Each candidate's dreamed and real returns: the same dream seeds and the same tracks for all."""
+    params = np.stack(list(candidates.values()))
+    hp = cfg.dream
+    dream_seeds = [seed_of(int(cfg.seed), FIDELITY, 1, r) for r in range(int(hp.fidelity_dreams))]
+    dreams = dream_returns(
+        rnn, controller, params, dream_seeds, world.dream_starts(cfg), DreamSettings.of(cfg)
+    )
+    tracks = [seed_of(int(cfg.seed), FIDELITY, 0, r) for r in range(int(hp.fidelity_tracks))]
+    files = {
+        k: str(training.checkpoint_path(r.info.run_id))
+        for k, r in (("vae", world.vae_run), ("rnn", world.rnn_run))
+    }
+    with RealScorer(
+        cfg.backend,
+        cfg.evolve.workers,
+        cfg.evolve.envs_per_worker,
+        files,
+        cfg.env,
+        controller.hparams,
+        float(cfg.evolve.rollout_timeout),
+        str(cfg.agent.z),
+    ) as scorer:
+        every = np.repeat(params, len(tracks), axis=0)
+        rollouts = scorer.run(every, tracks * len(params), int(cfg.evolve.max_steps), progress="fidelity")
+    real = np.array([r.score for r in rollouts]).reshape(len(params), len(tracks))
+    return [
+        {
+            "controller": name,
+            "dream_mean": float(dreams[i].mean()),
+            "dream_std": float(dreams[i].std()),
+            "real_mean": float(real[i].mean()),
+            "real_std": float(real[i].std()),
+        }
+        for i, name in enumerate(candidates)
+    ]
+
+
+def _write_csv(name: str, rows: list[dict]) -> None:
+    with tracking.artifact(name) as path, open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _reward_blocks(cfg: DictConfig, world: training.World, rnn) -> None:
+    """M's reward head, teacher-forced over the held-out episodes, per `dream.fidelity_block` steps."""
+    path = tracking.artifact_path(world.encode_id, "latents.h5")
+    data = latents.read(path, np.asarray(_held_out(path)[:64]))  # enough for a per-block mean
+    steps = int(data["lengths"].min())
+    mu, logvar = (torch.from_numpy(data[k][:, :steps]) for k in ("mu", "logvar"))
+    z = mu
+    if cfg.agent.z == "sample":
+        generator = torch.Generator().manual_seed(seed_of(int(cfg.seed), FIDELITY, 3))
+        z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
+    tensors = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
+    blocks = fidelity.reward_blocks(rnn, z, *tensors, min(int(cfg.dream.fidelity_block), steps))
+    rows = []
+    for k in range(len(blocks.mse)):
+        row = {
+            "steps": f"{k * blocks.block}-{(k + 1) * blocks.block - 1}",
+            "reward_mse": float(blocks.mse[k]),
+            "return_predicted": float(blocks.predicted[k]),
+            "return_real": float(blocks.real[k]),
+            "dones_predicted": float(blocks.done_predicted[k]),
+            "dones_real": float(blocks.done_real[k]),
+        }
+        rows.append(row)
+        mlflow.log_metrics({f"fidelity/{key}": value for key, value in row.items() if key != "steps"}, step=k)
+        log.info(
+            "fidelity: M's reward, steps %s: %s",
+            row["steps"],
+            {k: round(v, 2) for k, v in row.items() if k != "steps"},
+        )
+    _write_csv("fidelity/reward_blocks.csv", rows)

@@ -28,6 +28,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> str:
     hp = cfg.evaluate
     evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
+    training.check_agent_z(cfg, evolve_run)
     files = training.agent_files(evolve_run)
     controller = load_controller(files["controller"])
     upstream = {
@@ -36,11 +37,18 @@ def run(cfg: DictConfig) -> str:
         "train_vae": evolve_run.data.tags["upstream.train_vae"],
     }
     with tracking.stage_run(
-        cfg, "evaluate", ["evaluate"], upstream, {"latent_size": str(cfg.latent.size)}
+        cfg, "evaluate", ["evaluate", "agent"], upstream, {"latent_size": str(cfg.latent.size)}
     ) as run:
         timeout = float(cfg.evolve.rollout_timeout)
         with RealScorer(
-            cfg.backend, hp.workers, hp.envs_per_worker, files, cfg.env, controller.hparams, timeout
+            cfg.backend,
+            hp.workers,
+            hp.envs_per_worker,
+            files,
+            cfg.env,
+            controller.hparams,
+            timeout,
+            str(cfg.agent.z),
         ) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, int(hp.episodes))

@@ -6,9 +6,13 @@
   steps without a new tile. A worker that dies or hangs is replaced and its rollouts re-run.
 - `evolve.mode=dream`: all popsize × rollouts rollouts advance together as one batch inside the
   MDN-RNN, from real initial latents or N(0, I) (`evolve.initial_z`), with a fresh dropout mask on M per
-  rollout (`evolve.dream_dropout`) and the done head thresholded or sampled (`evolve.dream_done`);
-  every `evolve.real_check_every` generations the generation's best is re-checked in the real env and
-  that score is logged beside its dream score, so exploitation of the dream shows as a curve.
+  rollout (`evolve.dream_dropout`) and the done head thresholded or sampled (`evolve.dream_done`); a
+  dreamed done earns what the real env pays for that ending (`evolve.done_reward`, default the env's
+  `terminal_reward`). Every `evolve.real_check_every` generations the controller that would be kept
+  now (`evolve.select`: CMA-ES's mean, or the best so far) is scored in the real env,
+  `real/check_score` beside its dream score `real/check_dream_score`, so exploitation of the dream
+  shows as a curve; the generation's top candidate's scores are logged beside them
+  (`real/check_top_score`, `real/check_top_dream_score`).
 
 With `evolve.normalize`, the controller standardises its inputs by their mean and std along popsize real
 rollouts of random candidates, run before the first generation; the statistics travel in its checkpoint.
@@ -36,13 +40,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.agent import load_rnn, standardisation
+from worldmodel.agent import controller_for, load_rnn, standardisation
 from worldmodel.checkpoints import save_checkpoint
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
-from worldmodel.data import latents
-from worldmodel.data.datasets import episodes_in
-from worldmodel.dreaming import dream_rollouts, initial_latents
-from worldmodel.envs import action_space
+from worldmodel.dreaming import DreamSettings, dream_fitness
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
@@ -57,6 +58,13 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "evolve.initial_z", ["real", "normal"])
     one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
     one_of(cfg, "evolve.select", ["best", "mean"])
+    check(
+        cfg,
+        "evolve.clip_actions",
+        lambda v: all(is_int(d) and 0 <= d < len(cfg.env.action.low) for d in v),
+        "a list of box action dimensions (CarRacing's brake: [2])",
+    )
+    check(cfg, "evolve.done_reward", lambda v: v is None or isinstance(v, int | float), "null or a number")
     check(cfg, "evolve.normalize", lambda v: isinstance(v, bool), "true or false")
     positive_int(
         cfg,
@@ -92,22 +100,11 @@ def run(cfg: DictConfig) -> str:
         "rnn": str(training.checkpoint_path(world.rnn_run.info.run_id)),
     }
     rnn = load_rnn(files["rnn"])
-    space = action_space(cfg.env)
-    if rnn.action_dim != space.dim:
-        raise WorldModelError(
-            f"MDN-RNN run {world.rnn_run.info.run_id} takes {rnn.action_dim}-d actions but "
-            f"env={cfg.env.name} has {space.dim}; train M on this env's data"
-        )
-    controller = Controller(
-        rnn.latent,
-        rnn.hidden,
-        rnn.action_dim,
-        str(hp.inputs),
-        int(hp.hidden),
-        low=space.low.tolist(),
-        high=space.high.tolist(),
-        discrete=space.kind == "discrete",
-    )
+    try:
+        controller = controller_for(cfg, rnn)
+    except WorldModelError as err:
+        raise WorldModelError(f"MDN-RNN run {world.rnn_run.info.run_id}: {err}") from err
+    training.check_agent_z(cfg, world.rnn_run)
     tags = {
         "latent_size": str(cfg.latent.size),
         "mode": str(hp.mode),
@@ -117,7 +114,7 @@ def run(cfg: DictConfig) -> str:
     with tracking.stage_run(
         cfg,
         "evolve",
-        ["evolve", "latent"],
+        ["evolve", "latent", "agent"],
         world.upstream,
         tags,
         resume=cfg.inputs.resume,
@@ -127,7 +124,8 @@ def run(cfg: DictConfig) -> str:
         if hp.normalize:
             controller = _standardised(controller, cfg, files)
         es, best, history = _cma_state(cfg, controller.n_params)
-        starts = _dream_starts(cfg, world) if hp.mode == "dream" else None
+        starts = world.dream_starts(cfg) if hp.mode == "dream" else None
+        dream = DreamSettings.of(cfg)
         scorer = _real_scorer(cfg, files, controller)
         try:
             for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
@@ -135,7 +133,7 @@ def run(cfg: DictConfig) -> str:
                 seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
                 t0 = time.perf_counter()
                 if hp.mode == "dream":
-                    fitness = _dream_fitness(rnn, controller, solutions, seeds, starts, hp)
+                    fitness = dream_fitness(rnn, controller, solutions, seeds, starts, dream)
                     metrics = {}
                 else:
                     fitness, metrics = _real_fitness(scorer, solutions, seeds, hp)
@@ -151,12 +149,12 @@ def run(cfg: DictConfig) -> str:
                     "rollouts_per_s": fitness.size * int(hp.rollouts) / elapsed,
                 }
                 if hp.mode == "dream" and hp.real_check_every and (gen + 1) % int(hp.real_check_every) == 0:
-                    check_seeds = [
-                        seed_of(int(cfg.seed), CHECK, gen, r) for r in range(int(hp.real_check_rollouts))
-                    ]
-                    real = scorer.run(solutions[[top] * len(check_seeds)], check_seeds, int(hp.max_steps))
-                    metrics["real/check_score"] = float(np.mean([r.score for r in real]))
-                    metrics["real/check_dream_score"] = fitness[top]
+                    kept = _kept(es, best, hp)
+                    metrics |= _real_check(scorer, cfg, gen, kept, solutions[top])
+                    metrics["real/check_dream_score"] = dream_fitness(
+                        rnn, controller, kept[None], seeds, starts, dream
+                    )[0]
+                    metrics["real/check_top_dream_score"] = fitness[top]
                 training.log_epoch(metrics, gen)
                 history["fitness"].append(fitness.astype(np.float64))
                 history["digest"].append(_digest(solutions))
@@ -171,9 +169,7 @@ def run(cfg: DictConfig) -> str:
                     f" (real {metrics['real/check_score']:.1f})" if "real/check_score" in metrics else "",
                 )
 
-            # best: the candidate with the highest fitness seen; mean: CMA-ES's mean, which averages out
-            # the luck of single noisy rollouts.
-            chosen = best["params"] if hp.select == "best" else np.asarray(es.mean, dtype=np.float32)
+            chosen = _kept(es, best, hp)
             controller.set_flat(torch.from_numpy(chosen))
             save_checkpoint(
                 out_dir / "controller.pt",
@@ -194,6 +190,23 @@ def run(cfg: DictConfig) -> str:
 
 
 HISTORY = "cma/history.npz"
+
+
+def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: DictConfig) -> np.ndarray:
+    """The controller evolve keeps: the candidate with the highest fitness seen (select=best), or CMA-ES's
+    mean (select=mean), which averages out the luck of single noisy rollouts."""
+    return best["params"] if hp.select == "best" else np.asarray(es.mean, dtype=np.float32)
+
+
+def _real_check(
+    scorer: RealScorer, cfg: DictConfig, gen: int, kept: np.ndarray, top: np.ndarray
+) -> dict[str, float]:
+    """Real-env scores, on the same check tracks, of the kept controller and the generation's top one."""
+    n = int(cfg.evolve.real_check_rollouts)
+    seeds = [seed_of(int(cfg.seed), CHECK, gen, r) for r in range(n)]
+    real = scorer.run(np.stack([kept] * n + [top] * n), seeds + seeds, int(cfg.evolve.max_steps))
+    scores = np.array([r.score for r in real])
+    return {"real/check_score": float(scores[:n].mean()), "real/check_top_score": float(scores[n:].mean())}
 
 
 def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
@@ -263,6 +276,7 @@ def _real_scorer(cfg: DictConfig, files: dict[str, str], controller: Controller)
         cfg.env,
         controller.hparams,
         float(hp.rollout_timeout),
+        str(cfg.agent.z),
     )
 
 
@@ -280,38 +294,6 @@ def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]
     mlflow.log_metric("normalize/steps", int(tally[0]))
     mean, std = standardisation(tally)
     return Controller(**controller.hparams | {"input_mean": mean, "input_std": std})
-
-
-def _dream_starts(cfg: DictConfig, world: training.World) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Dreams start from real first frames (their mu, logvar), or from N(0, I) (`evolve.initial_z=normal`:
-    no latents, as `initial_latents` takes it)."""
-    if cfg.evolve.initial_z == "normal":
-        return None, None
-    path = tracking.artifact_path(world.encode_id, "latents.h5")
-    latents.inspect(path, int(cfg.latent.size))
-    return latents.first_steps(path, episodes_in(path, "train"))
-
-
-def _dream_fitness(
-    rnn, controller: Controller, solutions: np.ndarray, seeds: list[int], starts, hp: DictConfig
-) -> np.ndarray:
-    """popsize × rollouts dreams in one batch; row c·R + r is candidate c on rollout seed r."""
-    p, r = len(solutions), len(seeds)
-    params = torch.from_numpy(solutions).repeat_interleave(r, dim=0)
-    row_seeds = seeds * p
-    z0 = initial_latents(*starts, row_seeds, rnn.latent)
-    returns, _ = dream_rollouts(
-        rnn,
-        controller,
-        params,
-        z0,
-        row_seeds,
-        int(hp.max_steps),
-        float(hp.temperature),
-        dropout=float(hp.dream_dropout),
-        sample_done=hp.dream_done == "sample",
-    )
-    return returns.view(p, r).mean(1).numpy()
 
 
 def _real_fitness(

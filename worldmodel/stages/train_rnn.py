@@ -71,11 +71,14 @@ def gather(data: dict[str, np.ndarray], index: np.ndarray, span: int) -> dict[st
 
 
 def batch_tensors(
-    w: dict[str, np.ndarray], generator: torch.Generator, device: torch.device
+    w: dict[str, np.ndarray], generator: torch.Generator, device: torch.device, z_kind: str = "sample"
 ) -> dict[str, torch.Tensor]:
-    """Inputs and targets from windows of seq_len + 1 steps; z is sampled from mu/logvar afresh."""
+    """Inputs and targets from windows of seq_len + 1 steps; z is sampled from mu/logvar afresh, or is
+    mu (`agent.z=mean`: what the agent reads in the real env)."""
     mu, logvar = torch.from_numpy(w["mu"]), torch.from_numpy(w["logvar"])
-    z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
+    z = mu
+    if z_kind == "sample":
+        z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
     dones = torch.from_numpy(w["dones"][:, :-1])
     out = {
         "z": z[:, :-1],
@@ -91,13 +94,18 @@ def batch_tensors(
 def batch_loss(
     model: MDNRNN,
     w: dict[str, np.ndarray],
-    hp: DictConfig,
+    cfg: DictConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], MDNLoss]:
-    """The batch of windows `w` and the model's loss on it."""
-    b = batch_tensors(w, generator, device)
-    out, _, _ = model(b["z"], b["actions"])
+    """The batch of windows `w` and the model's loss on it; in training with dropout, one mask pair per
+    window, drawn from `generator`."""
+    hp = cfg.train_rnn
+    b = batch_tensors(w, generator, device, str(cfg.agent.z))
+    masks = None
+    if model.training and model.dropout > 0:
+        masks = tuple(m.to(device) for m in model.dropout_masks(len(b["z"]), model.dropout, generator))
+    out, _, _ = model(b["z"], b["actions"], masks=masks)
     loss = mdn_loss(
         out,
         b["next_z"],
@@ -106,7 +114,7 @@ def batch_loss(
         float(hp.reward_weight),
         float(hp.done_weight),
         b["mask"],
-        float(hp.done_pos_weight),
+        model.done_pos_weight,
     )
     return b, loss
 
@@ -164,7 +172,7 @@ def evaluate(
         index = windows(data, int(hp.seq_len))
         for i in range(0, len(index), int(hp.batch_size)):
             w = gather(data, index[i : i + int(hp.batch_size)], int(hp.seq_len) + 1)
-            b, loss = batch_loss(model, w, hp, generator, device)
+            b, loss = batch_loss(model, w, cfg, generator, device)
             weight = float(b["mask"].sum())
             sums += np.array(
                 [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
@@ -202,7 +210,7 @@ def run(cfg: DictConfig) -> str:
     with tracking.stage_run(
         cfg,
         "train_rnn",
-        ["train_rnn", "latent"],
+        ["train_rnn", "latent", "agent"],
         upstream,
         compat,
         resume=cfg.inputs.resume,
@@ -215,6 +223,7 @@ def run(cfg: DictConfig) -> str:
             int(hp.hidden),
             int(hp.mixtures),
             float(hp.dropout),
+            float(hp.done_pos_weight),
         ).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
@@ -232,7 +241,7 @@ def run(cfg: DictConfig) -> str:
                 total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
             ) as bar:
                 for w in batches:
-                    b, loss = batch_loss(model, w, hp, generator, device)
+                    b, loss = batch_loss(model, w, cfg, generator, device)
                     optimizer.zero_grad(set_to_none=True)
                     loss.loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
