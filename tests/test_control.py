@@ -149,7 +149,10 @@ def test_evolve_dream_run(smoke, evolve_run, rnn_run):
         "fitness/worst",
         "cma/sigma",
         "rollouts_per_s",
-        "real/check_score",
+        "real/check_score",  # the controller kept (select=mean: CMA-ES's mean)
+        "real/check_dream_score",
+        "real/check_top_score",  # the generation's top candidate
+        "real/check_top_dream_score",
     ):
         assert [m.step for m in client.get_metric_history(evolve_run, key)] == [0, 1], key
     m = run.data.metrics

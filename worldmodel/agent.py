@@ -14,7 +14,8 @@ reproduce one of its episodes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,19 @@ def worker_inference() -> None:
     frames (measured: 2.4 → 1.15 ms per single-frame agent step)."""
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
+
+
+@contextlib.contextmanager
+def single_core() -> Iterator[None]:
+    """`worker_inference`'s settings for a while, then back: an agent that acts in the stage's own
+    process computes what it computes in a worker, to the bit."""
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    worker_inference()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
 
 
 def load_vae(path: Path | str) -> VAE:

@@ -22,7 +22,10 @@ from worldmodel.errors import WorldModelError
 
 class Policy:
     """act(frame, t) → the stored action for step t; `start_state` → where an episode starts (None:
-    the env's own reset)."""
+    the env's own reset). `acts_through`: the upstream stage whose V and M (and C) the policy acts
+    through, resolved by the collect stage into `policy.paths` (None: it acts on its own)."""
+
+    acts_through: str | None = None
 
     def __init__(self, space: ActionSpace, rng: np.random.Generator, name: str = "") -> None:
         self.space, self.rng, self.name = space, rng, name
@@ -210,6 +213,7 @@ class ControllerPolicy(Policy):
     iterative procedure: collect again with a trained agent). `paths` holds the checkpoint files,
     filled in by the collect stage from `run_id`."""
 
+    acts_through = "evolve"
     _agents: dict = {}  # one loaded agent per process and checkpoint set
 
     def __init__(
@@ -222,25 +226,86 @@ class ControllerPolicy(Policy):
         z: str = "mean",
     ) -> None:
         super().__init__(space, rng, name)
-        from worldmodel.agent import Agent, load_controller, load_rnn, load_vae, worker_inference
+        from worldmodel.agent import Agent, load_rnn, load_vae, worker_inference
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
-        key = (paths["controller"], paths["vae"], paths["rnn"], z)
+        key = (paths.get("controller"), paths["vae"], paths["rnn"], z)
         if key not in self._agents:
             import multiprocessing
 
             if multiprocessing.parent_process() is not None:  # a collect worker: one core each
                 worker_inference()
-            self._agents[key] = Agent(
-                load_vae(paths["vae"]), load_rnn(paths["rnn"]), load_controller(paths["controller"]), z=z
-            )
+            rnn = load_rnn(paths["rnn"])
+            controller = self.controller(rnn, paths)
+            self._agents[key] = Agent(load_vae(paths["vae"]), rnn, controller, z=z)
         self.agent = self._agents[key]
+
+    def controller(self, rnn, paths: dict):
+        from worldmodel.agent import load_controller
+
+        return load_controller(paths["controller"])
+
+    def act(self, frame: np.ndarray, t: int) -> np.ndarray:
+        from worldmodel.agent import single_core
+
+        if t == 0:
+            self.agent.reset([int(self.rng.integers(2**31))])
+        with single_core():  # the same numbers in this process as in a worker
+            return self.agent.act(frame[None])[0]
+
+
+class LinearRandomPolicy(ControllerPolicy):
+    """A random linear controller on [z, h] per episode, weights and biases ~ N(0, `sigma`²), acting
+    through a train_rnn run's V and M: data whose actions are C's own kind, as CMA-ES's first
+    generation tries them (sigma = evolve.sigma0) and as Dropout's Dream Land's random 10 % (which used
+    tiny weights). `clip`: the action dimensions C maps by clipping (evolve.clip_actions)."""
+
+    acts_through = "train_rnn"
+
+    def __init__(
+        self,
+        space: ActionSpace,
+        rng: np.random.Generator,
+        run_id: str | None = None,
+        paths: dict | None = None,
+        name: str = "linear_random",
+        z: str = "mean",
+        sigma: float = 0.1,
+        clip: Sequence[int] = (),
+    ) -> None:
+        self.sigma, self.clip = float(sigma), list(clip)
+        super().__init__(space, rng, run_id, paths, name, z)
+        n = self.agent.controller.n_params
+        self.params = self.rng.normal(0.0, self.sigma, n).astype(np.float32)
+
+    @staticmethod
+    def fits(space: ActionSpace) -> bool:
+        return True
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_number(cfg, "policy.sigma")
+
+    def controller(self, rnn, paths: dict):
+        from worldmodel.models.controller import Controller
+
+        space = self.space
+        box = space.kind == "box"
+        return Controller(
+            rnn.latent,
+            rnn.hidden,
+            rnn.action_dim,
+            low=space.low.tolist() if box else None,
+            high=space.high.tolist() if box else None,
+            discrete=not box,
+            clip=self.clip if box else None,
+        )
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
-            self.agent.reset([int(self.rng.integers(2**31))])
-        return self.agent.act(frame[None])[0]
+            self.agent.set_params(self.params)
+        return super().act(frame, t)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import mlflow
 import numpy as np
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> str:
     workers = cfg.collect.workers  # None: every core (or the Ray cluster's CPUs)
     n_shards = -(-episodes // per_shard)
     tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
-    upstream = _resolve_controller(cfg) if cfg.policy.name == "controller" else {}
+    upstream = _resolve_agent(cfg)
 
     with tracking.stage_run(
         cfg,
@@ -191,15 +192,27 @@ class ShardWriter:
         self.open.clear()
 
 
-def _resolve_controller(cfg: DictConfig) -> dict[str, str]:
-    """policy=controller: find the evolve run and put its checkpoint files into `policy.paths`."""
+def _resolve_agent(cfg: DictConfig) -> dict[str, str]:
+    """A policy that acts through a trained agent (policy=controller: an evolve run's V, M and C;
+    linear_random: a train_rnn run's V and M): find the run, put its checkpoint files into
+    `policy.paths`."""
+    stage = get_class(str(cfg.policy._target_)).acts_through
+    if stage is None:
+        return {}
     from worldmodel import training  # torch: only when collecting with a trained agent
 
-    evolve = tracking.resolve_run(cfg, "evolve", cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
+    run = tracking.resolve_run(cfg, stage, cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
+    training.check_agent_z(cfg, run)
     with open_dict(cfg):
-        cfg.policy.paths = training.agent_files(evolve)
+        if stage == "evolve":
+            cfg.policy.paths = training.agent_files(run)
+        else:
+            vae = run.data.tags["upstream.train_vae"]
+            cfg.policy.paths = {
+                k: str(training.checkpoint_path(r)) for k, r in (("vae", vae), ("rnn", run.info.run_id))
+            }
         cfg.policy.z = cfg.agent.z
-    return {"evolve": evolve.info.run_id}
+    return {stage: run.info.run_id}
 
 
 def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) -> set[int]:

@@ -1,0 +1,138 @@
+"""What makes a dream trainable: the dream-fidelity check, probes, the brake's clip, agent.z, the
+terminal reward of a dreamed done, and data of C's own kind (policy=linear_random)."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from worldmodel import fidelity, tracking
+from worldmodel.agent import Agent
+from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.errors import WorldModelError
+from worldmodel.models.controller import Controller
+from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.models.vae import VAE
+from worldmodel.stages import run_stage
+
+
+def test_the_clipped_brake_starts_at_zero_where_the_affine_map_starts_at_half():
+    x = torch.zeros(2, 4 + 3)
+    params = torch.zeros(2, (4 + 3) * 3 + 3)
+    affine, clipped = Controller(4, 3), Controller(4, 3, clip=[2])
+    assert affine.act(params, x[:, :4], x[:, 4:])[0].tolist() == [0.0, 0.5, 0.5]
+    assert clipped.act(params, x[:, :4], x[:, 4:])[0].tolist() == [0.0, 0.5, 0.0]
+    params[1, -1] = -3.0  # a negative brake output clips to no brake at all
+    assert clipped.act(params, x[:, :4], x[:, 4:])[1, 2] == 0.0
+    assert clipped.hparams["clip"] == [2] and Controller(**clipped.hparams).clip == [2]
+    with pytest.raises(ValueError, match="clip"):
+        Controller(4, 3, clip=[3])
+
+
+@pytest.mark.parametrize("clip", [[], [2]])
+def test_probes_act_their_constant_action(clip):
+    controller = Controller(4, 3, clip=clip, input_mean=[0.5] * 7, input_std=[2.0] * 7)
+    z, h = torch.randn(5, 4), torch.randn(5, 3)
+    for name, action in fidelity.BOX_PROBES.items():
+        params = torch.from_numpy(fidelity.constant_params(controller, action)).expand(5, -1)
+        got = controller.act(params, z, h)
+        torch.testing.assert_close(got, torch.tensor([action] * 5), atol=1e-3, rtol=0, msg=name)
+    discrete = Controller(4, 3, action_dim=3, discrete=True)
+    for k, params in enumerate(fidelity.probes(discrete).values()):
+        assert discrete.act(torch.from_numpy(params)[None], z[:1], h[:1])[0].argmax() == k
+
+
+def test_spearman_ranks_with_ties():
+    assert fidelity.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
+    assert fidelity.spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
+    assert fidelity.ranks(np.array([5.0, 1.0, 5.0])).tolist() == [2.5, 1.0, 2.5]
+    assert np.isnan(fidelity.spearman(np.array([1, 2, 3]), np.array([7, 7, 7])))
+
+
+def test_a_dreamed_done_earns_the_terminal_reward_once():
+    torch.manual_seed(0)
+    rnn = MDNRNN(8, 3, hidden=16, mixtures=2).eval()
+    with torch.no_grad():
+        rnn.head.bias[-1] = 5.0  # P(done) ≈ 0.99: the first step ends every dream
+    controller = Controller(8, 16)
+    params, seeds = torch.zeros(3, controller.n_params), [0, 1, 2]
+    z0 = initial_latents(None, None, seeds, 8)
+    free, _ = dream_rollouts(rnn, controller, params, z0, seeds, 50, 1.0)
+    paid, _ = dream_rollouts(rnn, controller, params, z0, seeds, 50, 1.0, done_reward=-100.0)
+    torch.testing.assert_close(paid, free - 100.0)
+
+
+def test_agent_samples_z_per_row_from_its_episode_seed():
+    torch.manual_seed(0)
+    vae, rnn, controller = VAE(8).eval(), MDNRNN(8, 3, hidden=16, mixtures=2).eval(), Controller(8, 16)
+    controller.set_flat(torch.randn(controller.n_params))
+    frames = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+
+    def actions(z: str, seeds: list[int], rows=None) -> np.ndarray:
+        agent = Agent(vae, rnn, controller, slots=3, z=z)
+        agent.reset(seeds)
+        return agent.act(frames if rows is None else frames[rows], rows)
+
+    mean = actions("mean", [1, 2, 3])
+    sampled = actions("sample", [1, 2, 3])
+    assert not np.allclose(mean, sampled), "a sampled z is not the mean"
+    np.testing.assert_array_equal(sampled, actions("sample", [1, 2, 3]))
+    np.testing.assert_allclose(actions("sample", [9, 2, 3], rows=[1, 2]), sampled[1:], atol=1e-6)
+    with pytest.raises(ValueError, match="z must be"):
+        Agent(vae, rnn, controller, z="mode")
+
+
+def test_fidelity_check_scores_probes_random_and_named_controllers(smoke, evolve_run, rnn_run):
+    run_id = run_stage(
+        smoke("stage=dream", "dream.mode=fidelity", f"inputs.evolve={evolve_run}", "dream.fidelity_random=2")
+    )
+    tracking.setup(smoke())
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["upstream.train_rnn"] == rnn_run
+    assert run.data.tags["upstream.evolve.0"] == evolve_run
+    m = run.data.metrics
+    assert m["fidelity/controllers"] == 6 + 2 + 1  # six probes, two random, the evolve run's
+    assert -1 <= m["fidelity/spearman"] <= 1 or np.isnan(m["fidelity/spearman"])
+    with open(tracking.artifact_path(run_id, "fidelity/controllers.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["controller"] for r in rows][:3] == ["idle", "gas", "gas+brake"]
+    assert rows[-1]["controller"] == f"evolve {evolve_run[:8]}"
+    assert all(np.isfinite(float(r["dream_mean"])) and np.isfinite(float(r["real_mean"])) for r in rows)
+    gas, idle = (float(next(r for r in rows if r["controller"] == n)["real_mean"]) for n in ("gas", "idle"))
+    assert gas > idle, "in the real env a car on full gas reaches tiles that a parked one does not"
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, "fidelity")}
+    assert {"fidelity/dream_vs_real.png", "fidelity/controllers.csv", "fidelity/reward_blocks.csv"} <= names
+    blocks = MlflowClient().get_metric_history(run_id, "fidelity/reward_mse")
+    assert len(blocks) >= 1 and all(np.isfinite(b.value) for b in blocks)
+
+
+def test_linear_random_collects_cs_own_kind_of_actions(smoke, rnn_run):
+    common = ("stage=collect", "policy=linear_random", f"policy.run_id={rnn_run}", "evolve.clip_actions=[2]")
+    run_id = run_stage(smoke(*common, "collect.workers=1", "collect.episodes=2"))
+    again = run_stage(smoke(*common, "collect.workers=2", "collect.episodes=2"))
+    tracking.setup(smoke())
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["upstream.train_rnn"] == rnn_run and run.data.tags["policy"] == "linear_random"
+    read = []
+    for rid in (run_id, again):
+        with h5py.File(tracking.artifact_path(rid, "shards/shard_00000.h5"), "r") as f:
+            read.append(f["actions"][:])
+    actions = read[0]
+    np.testing.assert_array_equal(actions, read[1], err_msg="the worker count changes nothing")
+    assert actions.shape == (2, 40, 3) and actions.dtype == np.float32
+    assert np.all(actions[..., 0] >= -1) and np.all(actions[..., 1:] >= 0) and np.all(actions <= 1)
+    assert not np.allclose(actions[0], actions[1]), "each episode draws its own controller"
+    assert np.any(actions[..., 2] == 0.0), "the brake is clipped at 0, as evolve.clip_actions says"
+
+
+def test_agent_z_must_match_the_runs_it_reads(smoke, rnn_run, evolve_run):
+    with pytest.raises(WorldModelError, match=r"agent.z.*agent.z=mean"):
+        run_stage(smoke("stage=evaluate", "agent.z=sample", f"inputs.evolve={evolve_run}"))
+    with pytest.raises(WorldModelError, match="config key 'agent.z'"):
+        run_stage(smoke("stage=evolve", "agent.z=mode"))
