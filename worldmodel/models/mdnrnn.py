@@ -112,8 +112,8 @@ class MDNRNN(nn.Module):
         x = torch.cat([z * masks[0].unsqueeze(1), a], dim=-1)
         inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
         hs = []
-        for t in range(z.shape[1]):
-            state = self._cell(inputs[:, t], state, masks[1])
+        for step in inputs.unbind(1):  # one backward for all steps (slicing would make T full-size ones)
+            state = self._cell(step, state, masks[1])
             hs.append(state[0][0])
         h = torch.stack(hs, dim=1)
         return self._heads(h), h, state
