@@ -193,25 +193,25 @@ class ShardWriter:
 
 
 def _resolve_agent(cfg: DictConfig) -> dict[str, str]:
-    """A policy that acts through a trained agent (policy=controller: an evolve run's V, M and C;
-    linear_random: a train_rnn run's V and M): find the run, put its checkpoint files into
-    `policy.paths`."""
+    """A policy that acts through a trained agent (policy=controller: an evolve run's V, M and C, reading
+    z as that run did; linear_random: a train_rnn run's V and M, reading z as `agent.z` says): find the
+    run, put its checkpoint files into `policy.paths`."""
     stage = get_class(str(cfg.policy._target_)).acts_through
     if stage is None:
         return {}
     from worldmodel import training  # torch: only when collecting with a trained agent
 
     run = tracking.resolve_run(cfg, stage, cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
-    training.check_agent_z(cfg, run)
     with open_dict(cfg):
         if stage == "evolve":
             cfg.policy.paths = training.agent_files(run)
+            cfg.policy.z = run.data.params.get("agent.z", "mean")  # as the controller was trained
         else:
+            training.check_agent_z(cfg, run)
             vae = run.data.tags["upstream.train_vae"]
-            cfg.policy.paths = {
-                k: str(training.checkpoint_path(r)) for k, r in (("vae", vae), ("rnn", run.info.run_id))
-            }
-        cfg.policy.z = cfg.agent.z
+            files = (("vae", vae), ("rnn", run.info.run_id))
+            cfg.policy.paths = {k: str(training.checkpoint_path(r)) for k, r in files}
+            cfg.policy.z = cfg.agent.z
     return {stage: run.info.run_id}
 
 

@@ -9,7 +9,10 @@ compares in one table of the MLflow UI.
 e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run
 (tag `round`) whose own children collect `pipeline.round_episodes` new episodes with the latest
 controller, merge them with every episode so far, encode them with the same VAE, retrain M, evolve
-and evaluate. The parent's headline metrics are those of the last round.
+and evaluate. `pipeline.round_config` is merged into the config of every round, so the rounds can
+differ from the first pass: `{evolve: {mode: dream}}` evolves in the dream after a real-mode first
+controller collected the data (Dropout's Dream Land's setting). The parent's headline metrics are those
+of the last round.
 """
 
 from __future__ import annotations
@@ -64,12 +67,29 @@ def validate(cfg: DictConfig) -> None:
     check(cfg, "pipeline.rounds", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     if cfg.pipeline.rounds:
         positive_int(cfg, "pipeline.round_episodes")
+        _check_round_config(cfg)
         check(
             cfg,
             "pipeline.stages",
             lambda v: "evolve" in stages or cfg.inputs.evolve,
             "a range that includes evolve when pipeline.rounds > 0 (or give inputs.evolve to start from)",
         )
+
+
+def _check_round_config(cfg: DictConfig) -> None:
+    """`pipeline.round_config` holds sections of this config, and the rounds' stages accept the result."""
+    check(
+        cfg,
+        "pipeline.round_config",
+        lambda v: all(k in cfg and k not in ("pipeline", "inputs", "policy") for k in v),
+        "a mapping of config sections (e.g. {evolve: {mode: dream}}) other than pipeline, inputs, policy",
+    )
+    rounds = _fresh(cfg)
+    with open_dict(rounds):
+        for section, values in cfg.pipeline.round_config.items():
+            rounds[section] = OmegaConf.merge(rounds[section], values)
+    for name in ROUND_STAGES[1:]:
+        importlib.import_module(f"worldmodel.stages.{name}").validate(rounds)
 
 
 def run(cfg: DictConfig) -> str:
@@ -119,6 +139,8 @@ def _round(cfg: DictConfig, k: int) -> None:
     policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
     policy.run_id = evolve.info.run_id
     with open_dict(cfg):
+        for section, values in cfg.pipeline.round_config.items():
+            cfg[section] = OmegaConf.merge(cfg[section], values)
         cfg.policy = policy
         cfg.seed = seed_of(int(cfg.seed), ROUND, k) % 2**31  # new tracks for the new episodes
         cfg.collect.episodes = int(cfg.pipeline.round_episodes)
