@@ -264,6 +264,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
             "mlflow.experiment=pipeline-test",
             "pipeline.rounds=1",
             "pipeline.round_episodes=2",
+            "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: sample}}",
         )
     )
     tracking.setup(smoke("mlflow.experiment=pipeline-test"))
@@ -301,6 +302,12 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     assert merged == [stages["collect"].info.run_id, inner["collect"].info.run_id]
     assert inner["encode"].data.tags["upstream.train_vae"] == stages["train_vae"].info.run_id
     assert inner["evaluate"].data.tags["upstream.evolve"] == inner["evolve"].info.run_id
+    # the rounds' own settings; the first pass keeps the common ones
+    assert inner["train_rnn"].data.params["train_rnn.seq_len"] == "10"
+    assert inner["train_rnn"].data.params["train_rnn.dropout"] == "0.1"
+    assert inner["evolve"].data.params["agent.z"] == "sample"
+    assert stages["train_rnn"].data.params["train_rnn.seq_len"] == "8"
+    assert inner["collect"].data.params["policy.z"] == "mean", "the controller reads z as it was trained"
     with h5py.File(tracking.artifact_path(inner["merge"].info.run_id, "dataset.h5"), "r") as f:
         assert f["images"].shape[0] == 4 + 2, "every episode so far"
     assert run.data.metrics["eval/score_mean"] == inner["evaluate"].data.metrics["eval/score_mean"]
@@ -311,3 +318,13 @@ def test_pipeline_stage_range_is_validated(smoke):
 
     with pytest.raises(WorldModelError, match="pipeline.stages"):
         run_stage(smoke("stage=pipeline", "pipeline.stages=[dream,collect]"))
+
+
+def test_pipeline_round_config_is_validated_before_any_work(smoke):
+    from worldmodel.errors import WorldModelError
+
+    rounds = ("stage=pipeline", "pipeline.rounds=1")
+    with pytest.raises(WorldModelError, match="evolve.mode"):
+        run_stage(smoke(*rounds, "pipeline.round_config={evolve: {mode: drem}}"))
+    with pytest.raises(WorldModelError, match="pipeline.round_config"):
+        run_stage(smoke(*rounds, "pipeline.round_config={inputs: {evolve: x}}"))

@@ -81,12 +81,12 @@ def _check_round_config(cfg: DictConfig) -> None:
     check(
         cfg,
         "pipeline.round_config",
-        lambda v: all(k in cfg and k not in ("pipeline", "inputs", "policy") for k in v),
-        "a mapping of config sections (e.g. {evolve: {mode: dream}}) other than pipeline, inputs, policy",
+        lambda v: v is None or all(k in cfg and k not in ("pipeline", "inputs", "policy") for k in v),
+        "null or a mapping of config sections (e.g. {evolve: {mode: dream}}) but pipeline, inputs, policy",
     )
     rounds = _fresh(cfg)
     with open_dict(rounds):
-        for section, values in cfg.pipeline.round_config.items():
+        for section, values in (cfg.pipeline.round_config or {}).items():
             rounds[section] = OmegaConf.merge(rounds[section], values)
     for name in ROUND_STAGES[1:]:
         importlib.import_module(f"worldmodel.stages.{name}").validate(rounds)
@@ -139,7 +139,7 @@ def _round(cfg: DictConfig, k: int) -> None:
     policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
     policy.run_id = evolve.info.run_id
     with open_dict(cfg):
-        for section, values in cfg.pipeline.round_config.items():
+        for section, values in (cfg.pipeline.round_config or {}).items():
             cfg[section] = OmegaConf.merge(cfg[section], values)
         cfg.policy = policy
         cfg.seed = seed_of(int(cfg.seed), ROUND, k) % 2**31  # new tracks for the new episodes
