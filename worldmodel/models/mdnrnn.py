@@ -174,16 +174,21 @@ def mdn_loss(
     done_weight: float = 1.0,
     mask: torch.Tensor | None = None,
     done_pos_weight: float = 1.0,
+    reward_mask: torch.Tensor | None = None,
 ) -> MDNLoss:
     """Loss over (B, T) steps. `mask` (B, T) excludes steps whose next z is not predictable (the step
     after a done is a fresh track) from the NLL. `done_pos_weight` weighs the rare done steps in the done
-    head's loss (the paper weighted them 10× for Doom)."""
+    head's loss (the paper weighted them 10× for Doom). `reward_mask` (B, T) keeps steps out of the
+    reward loss (the done steps, when the env declares what an ending pays and the dream adds it)."""
     nll = -mixture_log_prob(out.mixture, next_z).mean(-1)
     if mask is not None:
         nll = (nll * mask).sum() / mask.sum().clamp(min=1)
     else:
         nll = nll.mean()
-    r = F.mse_loss(out.reward, reward)
+    if reward_mask is None:
+        r = F.mse_loss(out.reward, reward)
+    else:
+        r = ((out.reward - reward) ** 2 * reward_mask).sum() / reward_mask.sum().clamp(min=1)
     pos_weight = torch.tensor(float(done_pos_weight), device=done.device)
     d = F.binary_cross_entropy_with_logits(out.done_logit, done.float(), pos_weight=pos_weight)
     return MDNLoss(nll + reward_weight * r + done_weight * d, nll, r, d)

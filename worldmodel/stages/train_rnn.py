@@ -115,6 +115,9 @@ def batch_loss(
         float(hp.done_weight),
         b["mask"],
         model.done_pos_weight,
+        # An ending's reward (CarRacing: −100) is the env's terminal_reward, which a dreamed done earns:
+        # the reward head learns the other steps.
+        b["mask"] if cfg.env.get("terminal_reward") else None,
     )
     return b, loss
 
