@@ -215,3 +215,15 @@ def test_done_positive_weight():
     args = (out, torch.randn(2, 5, 4), torch.zeros(2, 5), done)
     plain, weighted = mdn_loss(*args).done, mdn_loss(*args, done_pos_weight=10.0).done
     assert weighted > plain, "done steps weigh more"
+
+
+def test_the_reward_mask_keeps_the_ending_out_of_the_reward_loss():
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2).eval()
+    out, _, _ = rnn(torch.randn(1, 4, 4), torch.rand(1, 4, 3))
+    done = torch.tensor([[False, False, False, True]])
+    reward = torch.tensor([[0.0, 0.0, 0.0, -100.0]])
+    args = (out, torch.randn(1, 4, 4), reward, done)
+    kept = (~done).float()
+    masked = mdn_loss(*args, reward_mask=kept).reward
+    torch.testing.assert_close(masked, (out.reward[:, :3] ** 2).mean())
+    assert mdn_loss(*args).reward > 1000 * masked, "the −100 ending dominates an unmasked loss"
