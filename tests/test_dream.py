@@ -97,12 +97,20 @@ def test_fidelity_check_scores_probes_random_and_named_controllers(smoke, evolve
     assert run.info.status == "FINISHED" and run.data.tags["upstream.train_rnn"] == rnn_run
     assert run.data.tags["upstream.evolve.0"] == evolve_run
     m = run.data.metrics
-    assert m["fidelity/controllers"] == 6 + 2 + 1  # six probes, two random, the evolve run's
+    # six probes, two random, CMA-ES's mean after each of the run's 2 generations, the kept controller
+    assert m["fidelity/controllers"] == 6 + 2 + 2 + 1
     assert -1 <= m["fidelity/spearman"] <= 1 or np.isnan(m["fidelity/spearman"])
     with open(tracking.artifact_path(run_id, "fidelity/controllers.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [r["controller"] for r in rows][:3] == ["idle", "gas", "gas+brake"]
-    assert rows[-1]["controller"] == f"evolve {evolve_run[:8]}"
+    names = [r["controller"] for r in rows]
+    assert names[-3:] == [
+        f"evolve {evolve_run[:8]} gen 0",
+        f"evolve {evolve_run[:8]} gen 1",
+        f"evolve {evolve_run[:8]}",
+    ]
+    last, kept = rows[-2], rows[-1]  # the replayed history ends at the mean that evolve kept
+    assert float(last["dream_mean"]) == pytest.approx(float(kept["dream_mean"]), abs=1e-4)
     assert all(np.isfinite(float(r["dream_mean"])) and np.isfinite(float(r["real_mean"])) for r in rows)
     gas, idle = (float(next(r for r in rows if r["controller"] == n)["real_mean"]) for n in ("gas", "idle"))
     assert gas > idle, "in the real env a car on full gas reaches tiles that a parked one does not"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import fidelity, policies, tracking, training
+from worldmodel import cma_history, fidelity, policies, tracking, training
 from worldmodel.agent import controller_for, load_controller, load_rnn, load_vae
 from worldmodel.config import check, is_int, one_of, positive_int
 from worldmodel.data import latents
@@ -47,7 +47,8 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "dream.mode", ["replay", "free", "fidelity"])
     positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
     positive_int(cfg, "dream.fidelity_dreams", "dream.fidelity_tracks", "dream.fidelity_block")
-    check(cfg, "dream.fidelity_random", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
+    for key in ("dream.fidelity_random", "dream.fidelity_history"):
+        check(cfg, key, lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")
     if cfg.dream.mode == "free" and not cfg.dream.use_controller:
         policies.validate(cfg)
@@ -187,34 +188,54 @@ def _fidelity(cfg: DictConfig, world: training.World, rnn) -> str:
         return run.info.run_id
 
 
-def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, Controller]:
-    """The controllers of the evolve runs in `inputs.evolve` (none, one id or a list), by run id."""
+def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, tuple[Controller, dict]]:
+    """The evolve runs in `inputs.evolve` (none, one id or a list), by run id: each one's controller
+    shape and {name: parameters} for its kept controller and CMA-ES's mean at
+    `dream.fidelity_history` generations spread over its run, rebuilt by replaying its history."""
     ids = cfg.inputs.evolve
     ids = [] if ids is None else [ids] if isinstance(ids, str) else list(ids)
     out = {}
     for run_id in ids:
         run = tracking.resolve_run(cfg, "evolve", str(run_id), {"latent_size": str(cfg.latent.size)})
-        out[run.info.run_id] = load_controller(training.agent_files(run)["controller"])
+        controller = load_controller(training.agent_files(run)["controller"])
         if run.data.tags.get("upstream.train_rnn") != world.rnn_run.info.run_id:
             log.warning("fidelity: evolve run %s was trained on another M; here it reads this M's h", run_id)
+        name = f"evolve {run.info.run_id[:8]}"
+        candidates = _history_means(cfg, run, controller, name)
+        candidates[name] = controller.get_flat().numpy()
+        out[run.info.run_id] = (controller, candidates)
     return out
+
+
+def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> dict[str, np.ndarray]:
+    """CMA-ES's mean after `dream.fidelity_history` generations spread over the run (none without a
+    history): controllers of every quality the run went through."""
+    wanted, params = int(cfg.dream.fidelity_history), run.data.params
+    if not wanted or cma_history.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
+        return {}
+    popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
+    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1)
+    means = {}
+    for gen, *_ in cma_history.replay(es, run.info.run_id, popsize):
+        means[gen] = np.asarray(es.mean, np.float32).copy()
+    picks = np.unique(np.linspace(0, len(means) - 1, wanted).round().astype(int))
+    return {f"{name} gen {g}": means[int(g)] for g in picks}
 
 
 def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Controller, dict[str, np.ndarray]]]:
     """Groups of (controller shape, {name: parameters}): the probes and random candidates take the first
-    named controller's shape (or evolve's), each named controller its own."""
-    base = next(iter(named.values()), None) or controller_for(cfg, rnn)
+    named controller's shape (or evolve's), and a named run joins them when its shape is the same."""
+    base = next(iter(named.values()), (controller_for(cfg, rnn), {}))[0]
     rng = np.random.default_rng(seed_of(int(cfg.seed), FIDELITY, 2))
     first = fidelity.probes(base)
     for i in range(int(cfg.dream.fidelity_random)):
         first[f"random {i}"] = rng.normal(0, float(cfg.evolve.sigma0), base.n_params).astype(np.float32)
     groups = [(base, first)]
-    for run_id, controller in named.items():
-        name = f"evolve {run_id[:8]}"
+    for controller, candidates in named.values():
         if controller.hparams == base.hparams:
-            first[name] = controller.get_flat().numpy()
+            first.update(candidates)
         else:
-            groups.append((controller, {name: controller.get_flat().numpy()}))
+            groups.append((controller, candidates))
     return groups
 
 

@@ -28,7 +28,6 @@ tracks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -39,9 +38,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from worldmodel import tracking, training
+from worldmodel import cma_history, tracking, training
 from worldmodel.agent import controller_for, load_rnn, standardisation
 from worldmodel.checkpoints import save_checkpoint
+from worldmodel.cma_history import HISTORY
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.dreaming import DreamSettings, dream_fitness
 from worldmodel.errors import WorldModelError
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> str:
                     metrics["real/check_top_dream_score"] = fitness[top]
                 training.log_epoch(metrics, gen)
                 history["fitness"].append(fitness.astype(np.float64))
-                history["digest"].append(_digest(solutions))
+                history["digest"].append(cma_history.digest(solutions))
                 with tracking.artifact(HISTORY) as path:
                     np.savez(path, fitness=np.stack(history["fitness"]), digest=np.array(history["digest"]))
                 log.info(
@@ -189,9 +189,6 @@ def run(cfg: DictConfig) -> str:
         return run.info.run_id
 
 
-HISTORY = "cma/history.npz"
-
-
 def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: DictConfig) -> np.ndarray:
     """The controller evolve keeps: the candidate with the highest fitness seen (select=best), or CMA-ES's
     mean (select=mean), which averages out the luck of single noisy rollouts."""
@@ -213,50 +210,17 @@ def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
     hp = cfg.evolve
-    seed = int(cfg.seed) + 1
-    options = {"popsize": int(hp.popsize), "seed": seed, "verbose": -9}
-    options["randn"] = np.random.RandomState(seed).randn  # nothing else in the process can shift it
-    es = cma.CMAEvolutionStrategy(np.zeros(n_params), float(hp.sigma0), options)
+    es = cma_history.new_es(n_params, int(hp.popsize), float(hp.sigma0), int(cfg.seed) + 1)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
     if not cfg.inputs.resume or HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
         return es, best, history
-    fitnesses, digests = _load_history(cfg.inputs.resume, int(hp.popsize))
-    for gen, (fitness, digest) in enumerate(zip(fitnesses, digests)):
-        solutions = np.asarray(es.ask(), dtype=np.float32)
-        if _digest(solutions) != str(digest):
-            raise WorldModelError(
-                f"inputs.resume={cfg.inputs.resume}: {HISTORY} does not replay at generation {gen} "
-                "(written with other settings or another version); start a new run"
-            )
-        es.tell(list(solutions.astype(np.float64)), list(-fitness))
+    for gen, solutions, fitness, digest in cma_history.replay(es, cfg.inputs.resume, int(hp.popsize)):
         best = _keep_best(best, solutions, fitness, gen)
         history["fitness"].append(fitness)
-        history["digest"].append(str(digest))
+        history["digest"].append(digest)
     log.info("evolve: resuming after generation %d", es.countiter - 1)
     return es, best, history
-
-
-def _load_history(run_id: str, popsize: int) -> tuple[np.ndarray, np.ndarray]:
-    path = tracking.artifact_path(run_id, HISTORY)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            fitness, digest = f["fitness"], f["digest"]
-    except (OSError, ValueError, KeyError) as err:
-        raise WorldModelError(
-            f"inputs.resume={run_id}: {HISTORY} is not a CMA-ES history ({err.__class__.__name__}); "
-            "start a new run"
-        ) from err
-    if fitness.ndim != 2 or fitness.shape[1] != popsize or digest.shape != fitness.shape[:1]:
-        raise WorldModelError(
-            f"inputs.resume={run_id}: {HISTORY} holds fitness of shape {fitness.shape}, expected "
-            f"(generations, {popsize}); start a new run"
-        )
-    return fitness.astype(np.float64), digest
-
-
-def _digest(solutions: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(solutions, dtype=np.float32).tobytes()).hexdigest()
 
 
 def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int) -> dict:

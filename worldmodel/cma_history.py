@@ -1,0 +1,64 @@
+"""CMA-ES's state as its fitness history: CMA-ES is deterministic given its seed and the fitness it is
+told, so a run keeps only what it was told (`cma/history.npz`: plain arrays, loaded without pickle, so a
+crafted artifact cannot run code) and anyone can rebuild every generation by replaying it: to resume
+the run, or to see the controllers it went through (the dream-fidelity check)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import cma
+import numpy as np
+
+from worldmodel import tracking
+from worldmodel.errors import WorldModelError
+
+HISTORY = "cma/history.npz"
+
+
+def new_es(n_params: int, popsize: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:
+    """CMA-ES from zero with its own seeded generator (nothing else in the process can shift it)."""
+    options = {"popsize": popsize, "seed": seed, "verbose": -9}
+    options["randn"] = np.random.RandomState(seed).randn
+    return cma.CMAEvolutionStrategy(np.zeros(n_params), sigma0, options)
+
+
+def digest(solutions: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(solutions, dtype=np.float32).tobytes()).hexdigest()
+
+
+def load(run_id: str, popsize: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fitness (generations, popsize) and the digests of the asks of an evolve run."""
+    path = tracking.artifact_path(run_id, HISTORY)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            fitness, digests = f["fitness"], f["digest"]
+    except (OSError, ValueError, KeyError) as err:
+        raise WorldModelError(
+            f"evolve run {run_id}: {HISTORY} is not a CMA-ES history ({err.__class__.__name__}); "
+            "start a new run"
+        ) from err
+    if fitness.ndim != 2 or fitness.shape[1] != popsize or digests.shape != fitness.shape[:1]:
+        raise WorldModelError(
+            f"evolve run {run_id}: {HISTORY} holds fitness of shape {fitness.shape}, expected "
+            f"(generations, {popsize}); start a new run"
+        )
+    return fitness.astype(np.float64), digests
+
+
+def replay(
+    es: cma.CMAEvolutionStrategy, run_id: str, popsize: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, str]]:
+    """Ask and tell `es` as the run did, generation after generation: (generation, its candidates, their
+    fitness, the digest), each after the tell. The asks must match the stored digests."""
+    fitnesses, digests = load(run_id, popsize)
+    for gen, (fitness, stored) in enumerate(zip(fitnesses, digests)):
+        solutions = np.asarray(es.ask(), dtype=np.float32)
+        if digest(solutions) != str(stored):
+            raise WorldModelError(
+                f"evolve run {run_id}: {HISTORY} does not replay at generation {gen} "
+                "(written with other settings or another version); start a new run"
+            )
+        es.tell(list(solutions.astype(np.float64)), list(-fitness))
+        yield gen, solutions, fitness, str(stored)
