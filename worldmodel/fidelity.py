@@ -100,8 +100,11 @@ def reward_blocks(
     rewards: torch.Tensor,
     dones: torch.Tensor,
     block: int,
+    terminal_reward: float = 0.0,
 ) -> RewardBlocks:
-    """z, actions, rewards, dones: whole episodes (E, T, ...) of equal length, M reading the real z."""
+    """z, actions, rewards, dones: whole episodes (E, T, ...) of equal length, M reading the real z.
+    A predicted step earns its reward plus P(done) × `terminal_reward`, as a dream pays it, against
+    the real reward."""
     out, _, _ = rnn(z, actions)
     p_done = rnn.done_probability(out.done_logit)
     n = z.shape[1] // block
@@ -110,11 +113,12 @@ def reward_blocks(
     def per_block(x: torch.Tensor) -> torch.Tensor:
         return x[:, :cut].reshape(x.shape[0], n, block)
 
-    err = per_block((out.reward - rewards) ** 2).mean(dim=(0, 2))
+    predicted = out.reward + p_done * terminal_reward
+    err = per_block((predicted - rewards) ** 2).mean(dim=(0, 2))
     return RewardBlocks(
         block,
         err.numpy(),
-        per_block(out.reward).sum(2).mean(0).numpy(),
+        per_block(predicted).sum(2).mean(0).numpy(),
         per_block(rewards).sum(2).mean(0).numpy(),
         per_block(p_done).sum(2).mean(0).numpy(),
         per_block(dones.float()).sum(2).mean(0).numpy(),

@@ -44,6 +44,9 @@ class Policy:
     def start_state(self) -> np.ndarray | None:
         return None
 
+    def new_track(self) -> None:
+        """The episode goes on in a fresh env (collect.reset_on_done): forget what was seen."""
+
     def one_hot(self, k: int) -> np.ndarray:
         out = np.zeros(self.space.dim, np.float32)
         out[k] = 1.0
@@ -246,11 +249,14 @@ class ControllerPolicy(Policy):
 
         return load_controller(paths["controller"])
 
+    def new_track(self) -> None:
+        self.agent.reset([int(self.rng.integers(2**31))])
+
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         from worldmodel.agent import single_core
 
         if t == 0:
-            self.agent.reset([int(self.rng.integers(2**31))])
+            self.new_track()
         with single_core():  # the same numbers in this process as in a worker
             return self.agent.act(frame[None])[0]
 

@@ -49,6 +49,7 @@ def run_episode(cfg: DictConfig, index: int) -> Episode:
                 break
             # seed 000: keep going on a new track, the done flag marks the cut
             frame = env.reset(state=policy.start_state())
+            policy.new_track()
     return Episode(images, actions, rewards, dones, length, index)
 
 

@@ -297,7 +297,8 @@ def _reward_blocks(cfg: DictConfig, world: training.World, rnn) -> None:
         generator = torch.Generator().manual_seed(seed_of(int(cfg.seed), FIDELITY, 3))
         z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
     tensors = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
-    blocks = fidelity.reward_blocks(rnn, z, *tensors, min(int(cfg.dream.fidelity_block), steps))
+    block = min(int(cfg.dream.fidelity_block), steps)
+    blocks = fidelity.reward_blocks(rnn, z, *tensors, block, DreamSettings.of(cfg).done_reward)
     rows = []
     for k in range(len(blocks.mse)):
         row = {

@@ -61,7 +61,7 @@ def validate(cfg: DictConfig) -> None:
     check(
         cfg,
         "evolve.clip_actions",
-        lambda v: all(is_int(d) and 0 <= d < len(cfg.env.action.low) for d in v),
+        lambda v: all(is_int(d) and 0 <= d < len(cfg.env.action.get("low", [])) for d in v),
         "a list of box action dimensions (CarRacing's brake: [2])",
     )
     check(cfg, "evolve.done_reward", lambda v: v is None or isinstance(v, int | float), "null or a number")

@@ -81,7 +81,10 @@ def _check_round_config(cfg: DictConfig) -> None:
     check(
         cfg,
         "pipeline.round_config",
-        lambda v: v is None or all(k in cfg and k not in ("pipeline", "inputs", "policy") for k in v),
+        lambda v: (
+            v is None
+            or all(OmegaConf.is_dict(cfg.get(k)) and k not in ("pipeline", "inputs", "policy") for k in v)
+        ),
         "null or a mapping of config sections (e.g. {evolve: {mode: dream}}) but pipeline, inputs, policy",
     )
     rounds = _fresh(cfg)

@@ -115,11 +115,18 @@ def batch_loss(
         float(hp.done_weight),
         b["mask"],
         model.done_pos_weight,
-        # An ending's reward (CarRacing: −100) is the env's terminal_reward, which a dreamed done earns:
-        # the reward head learns the other steps.
-        b["mask"] if cfg.env.get("terminal_reward") else None,
+        failures(b, cfg.env.get("terminal_reward")),
     )
     return b, loss
+
+
+def failures(b: dict[str, torch.Tensor], terminal_reward: float | None) -> torch.Tensor | None:
+    """The reward mask: 0 on the done steps that paid the env's `terminal_reward` (CarRacing: −100 for
+    leaving the playfield), which a dreamed done earns instead, so the reward head learns the other
+    steps (a finished lap keeps its reward); None when the env declares no terminal reward."""
+    if not terminal_reward:
+        return None
+    return (~(b["dones"] & (b["rewards"] <= float(terminal_reward)))).float()
 
 
 def _episodes(path: Path, order: np.ndarray) -> Iterator[tuple[dict[str, np.ndarray], int]]:
