@@ -128,6 +128,22 @@ class RealScorer:
         self.close()
 
 
+def real_scorer(cfg: DictConfig, section: str, paths: dict[str, str], controller_hparams: dict) -> RealScorer:
+    """A scorer for the stage whose `section` sets the workers and envs per worker (evolve, evaluate),
+    with the agent reading z as `agent.z` says."""
+    hp = cfg[section]
+    return RealScorer(
+        cfg.backend,
+        hp.workers,
+        hp.envs_per_worker,
+        paths,
+        cfg.env,
+        controller_hparams,
+        float(cfg.evolve.rollout_timeout),
+        str(cfg.agent.z),
+    )
+
+
 # ---- the standard evaluation -----------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import sample
 from worldmodel.models.vae import VAE
 from worldmodel.policies import make_policy
-from worldmodel.scoring import RealScorer
+from worldmodel.scoring import real_scorer
 from worldmodel.seeds import DREAM, FIDELITY, seed_of
 
 log = logging.getLogger(__name__)
@@ -254,16 +254,7 @@ def _score(
         k: str(training.checkpoint_path(r.info.run_id))
         for k, r in (("vae", world.vae_run), ("rnn", world.rnn_run))
     }
-    with RealScorer(
-        cfg.backend,
-        cfg.evolve.workers,
-        cfg.evolve.envs_per_worker,
-        files,
-        cfg.env,
-        controller.hparams,
-        float(cfg.evolve.rollout_timeout),
-        str(cfg.agent.z),
-    ) as scorer:
+    with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
         every = np.repeat(params, len(tracks), axis=0)
         rollouts = scorer.run(every, tracks * len(params), int(cfg.evolve.max_steps), progress="fidelity")
     real = np.array([r.score for r in rollouts]).reshape(len(params), len(tracks))

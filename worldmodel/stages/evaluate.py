@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from worldmodel import tracking, training
 from worldmodel.agent import load_controller
 from worldmodel.config import check, is_int, positive_int
-from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
+from worldmodel.scoring import eval_seeds, eval_steps, evaluate, real_scorer
 
 
 def validate(cfg: DictConfig) -> None:
@@ -39,17 +39,7 @@ def run(cfg: DictConfig) -> str:
     with tracking.stage_run(
         cfg, "evaluate", ["evaluate", "agent"], upstream, {"latent_size": str(cfg.latent.size)}
     ) as run:
-        timeout = float(cfg.evolve.rollout_timeout)
-        with RealScorer(
-            cfg.backend,
-            hp.workers,
-            hp.envs_per_worker,
-            files,
-            cfg.env,
-            controller.hparams,
-            timeout,
-            str(cfg.agent.z),
-        ) as scorer:
+        with real_scorer(cfg, "evaluate", files, controller.hparams) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, int(hp.episodes))
             evaluate(scorer, params, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))

@@ -46,7 +46,7 @@ from worldmodel.config import check, is_int, one_of, positive_int, positive_numb
 from worldmodel.dreaming import DreamSettings, dream_fitness
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
-from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate
+from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate, real_scorer
 from worldmodel.seeds import CHECK, NORM, TRAIN, seed_of
 
 log = logging.getLogger(__name__)
@@ -231,17 +231,7 @@ def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int)
 
 
 def _real_scorer(cfg: DictConfig, files: dict[str, str], controller: Controller) -> RealScorer:
-    hp = cfg.evolve
-    return RealScorer(
-        cfg.backend,
-        hp.workers,
-        hp.envs_per_worker,
-        files,
-        cfg.env,
-        controller.hparams,
-        float(hp.rollout_timeout),
-        str(cfg.agent.z),
-    )
+    return real_scorer(cfg, "evolve", files, controller.hparams)
 
 
 def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]) -> Controller:
