@@ -5,7 +5,7 @@
   forward per step (CPU, one torch thread). A rollout stops once it has gone `evolve.stall_steps`
   steps without a new tile. A worker that dies or hangs is replaced and its rollouts re-run.
 - `evolve.mode=dream`: all popsize × rollouts rollouts advance together as one batch inside the
-  MDN-RNN, from real initial latents or N(0, I) (`evolve.initial_z`), with a fresh dropout mask on M per
+  MDN-RNN, from real initial latents or N(0, I) (`evolve.initial_z`), with variational dropout masks on M per
   rollout (`evolve.dream_dropout`) and the done head thresholded or sampled (`evolve.dream_done`); a
   dreamed done earns what the real env pays for that ending (`evolve.done_reward`, default the env's
   `terminal_reward`). Every `evolve.real_check_every` generations the controller that would be kept
