@@ -264,7 +264,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
             "mlflow.experiment=pipeline-test",
             "pipeline.rounds=1",
             "pipeline.round_episodes=2",
-            "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: sample}}",
+            "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: mean}}",
         )
     )
     tracking.setup(smoke("mlflow.experiment=pipeline-test"))
@@ -305,9 +305,9 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     # the rounds' own settings; the first pass keeps the common ones
     assert inner["train_rnn"].data.params["train_rnn.seq_len"] == "10"
     assert inner["train_rnn"].data.params["train_rnn.dropout"] == "0.1"
-    assert inner["evolve"].data.params["agent.z"] == "sample"
+    assert inner["evolve"].data.params["agent.z"] == "mean"
     assert stages["train_rnn"].data.params["train_rnn.seq_len"] == "8"
-    assert inner["collect"].data.params["policy.z"] == "mean", "the controller reads z as it was trained"
+    assert inner["collect"].data.params["policy.z"] == "sample", "the controller reads z as it was trained"
     with h5py.File(tracking.artifact_path(inner["merge"].info.run_id, "dataset.h5"), "r") as f:
         assert f["images"].shape[0] == 4 + 2, "every episode so far"
     assert run.data.metrics["eval/score_mean"] == inner["evaluate"].data.metrics["eval/score_mean"]

@@ -140,7 +140,7 @@ def test_linear_random_collects_cs_own_kind_of_actions(smoke, rnn_run):
 
 
 def test_agent_z_must_match_the_runs_it_reads(smoke, rnn_run, evolve_run):
-    with pytest.raises(WorldModelError, match=r"agent.z.*agent.z=mean"):
-        run_stage(smoke("stage=evaluate", "agent.z=sample", f"inputs.evolve={evolve_run}"))
+    with pytest.raises(WorldModelError, match=r"agent.z.*agent.z=sample"):
+        run_stage(smoke("stage=evaluate", "agent.z=mean", f"inputs.evolve={evolve_run}"))
     with pytest.raises(WorldModelError, match="config key 'agent.z'"):
         run_stage(smoke("stage=evolve", "agent.z=mode"))
