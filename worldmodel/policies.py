@@ -8,6 +8,7 @@ action spaces it can act in; `check` validates its settings before any episode i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -233,16 +234,25 @@ class ControllerPolicy(Policy):
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
-        key = (paths.get("controller"), paths["vae"], paths["rnn"], z)
-        if key not in self._agents:
-            import multiprocessing
+        import multiprocessing
 
-            if multiprocessing.parent_process() is not None:  # a collect worker: one core each
+        from worldmodel.agent import single_core
+
+        in_worker = multiprocessing.parent_process() is not None  # a collect worker: one core each
+        # In the stage's own process, act with the worker's settings: the same numbers as a worker.
+        self._settings = contextlib.nullcontext if in_worker else single_core
+        key = (type(self).__name__, paths.get("controller"), paths["vae"], paths["rnn"], z, *self.shape_key())
+        if key not in self._agents:
+            if in_worker:
                 worker_inference()
             rnn = load_rnn(paths["rnn"])
             controller = self.controller(rnn, paths)
             self._agents[key] = Agent(load_vae(paths["vae"]), rnn, controller, z=z)
         self.agent = self._agents[key]
+
+    def shape_key(self) -> tuple:
+        """What, beyond the files, tells this policy's controller apart (none: it is loaded whole)."""
+        return ()
 
     def controller(self, rnn, paths: dict):
         from worldmodel.agent import load_controller
@@ -253,11 +263,9 @@ class ControllerPolicy(Policy):
         self.agent.reset([int(self.rng.integers(2**31))])
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
-        from worldmodel.agent import single_core
-
         if t == 0:
             self.new_track()
-        with single_core():  # the same numbers in this process as in a worker
+        with self._settings():
             return self.agent.act(frame[None])[0]
 
 
@@ -292,6 +300,9 @@ class LinearRandomPolicy(ControllerPolicy):
     @staticmethod
     def check(cfg: DictConfig) -> None:
         positive_number(cfg, "policy.sigma")
+
+    def shape_key(self) -> tuple:
+        return tuple(self.clip)
 
     def controller(self, rnn, paths: dict):
         from worldmodel.models.controller import Controller
