@@ -131,9 +131,9 @@ class Agent:
             ids = range(self.slots)[picked] if isinstance(picked, slice) else picked
             eps = torch.stack([torch.randn(z.shape[1], generator=self.noise[i]) for i in ids])
             z = z + eps * torch.exp(0.5 * logvar)
-        x = self.controller.inputs_of(z, h[0]).double().numpy()
+        x = self.controller.inputs_of(z, h[0], c[0]).double().numpy()
         self.tally[picked] += np.concatenate([np.ones((len(x), 1)), x, x * x], axis=1)
-        action = self.controller.act(self.params[rows], z, h[0])
+        action = self.controller.act(self.params[rows], z, h[0], c[0])
         h, c = self.rnn.advance(z, action, (h, c))
         self.state[0][:, rows], self.state[1][:, rows] = h, c
         return action.numpy()

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from worldmodel.envs import register
 from worldmodel.errors import WorldModelError
 from worldmodel.parallel import backend_settings
 
@@ -118,6 +119,7 @@ def validate_common(cfg: DictConfig) -> None:
     if cfg.env.get("fast_render"):  # the fast renderer leaves the dashboard rows black
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
+    register(cfg.env)  # an optional extra's env (env=doom) fails here, before any run is created
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     one_of(cfg, "agent.z", ["mean", "sample"])
     _check_backend(cfg)

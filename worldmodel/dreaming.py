@@ -103,7 +103,7 @@ def dream_rollouts(
     for t in range(max_steps):
         if record:
             visited.append(z)
-        action = controller.act(params, z, state[0][0])
+        action = controller.act(params, z, state[0][0], state[1][0])
         out, state = rnn.step(z, action, state, masks)
         total += torch.where(alive, out.reward, torch.zeros(()))
         u, eps, u_done = noise.at(t)

@@ -5,7 +5,9 @@ What differs between envs lives in that config, not in code branches: where fram
 the crop (`crop`: rows and columns removed from each side), the frame size, and the actions. Actions are
 stored and fed to the MDN-RNN as float vectors of `action_dim`: the env's own box actions, or for a
 discrete env a one-hot vector, turned back into the action's index when stepping the env. CarRacing's
-`fast_render` picks worldmodel's faster renderer with identical kept pixels.
+`fast_render` picks worldmodel's faster renderer with identical kept pixels. An env from another package
+names the module that registers it (`register`: VizDoom's `vizdoom.gymnasium_wrapper`, an optional extra
+whose absence is a one-line error, `requires`), and a dict observation names its frame (`obs_key`).
 
 Frames are cropped and resized to image_size × image_size (`resample`: LANCZOS as seed 000, or the
 darkest pixel of each block), optionally with thin dark strokes widened (`widen`); uint8 HWC.
@@ -13,7 +15,10 @@ darkest pixel of each block), optionally with thin dark strokes widened (`widen`
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
+import weakref
 
 import gymnasium as gym
 import numpy as np
@@ -40,6 +45,20 @@ def action_space(env_cfg: DictConfig) -> ActionSpace:
         )
     low, high = np.asarray(a.low, np.float32), np.asarray(a.high, np.float32)
     return ActionSpace("box", len(low), low, high)
+
+
+def register(env_cfg: DictConfig) -> None:
+    """Import the module that registers the env (`env.register`), or say how to install it."""
+    module = env_cfg.get("register")
+    if not module:
+        return
+    try:
+        importlib.import_module(str(module))
+    except ImportError as err:
+        raise WorldModelError(
+            f"env={env_cfg.name} needs {module} ({err.name} is not installed): "
+            f"{env_cfg.get('requires') or 'install the package that provides it'}"
+        ) from None
 
 
 def _check_space(declared: ActionSpace, space: gym.Space, env_id: str) -> None:
@@ -90,6 +109,16 @@ def widen(frame: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.minimum.reduce([wide[i : i + h] for i in range(rows)])
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # envs not closed yet: closed at exit (VizDoom's engine
+# is a process of its own, which outlives an unclosed env)
+
+
+@atexit.register
+def close_all() -> None:
+    for env in list(_OPEN):
+        env.close()
+
+
 class PixelEnv:
     """A gymnasium env whose `reset` and `step` return preprocessed frames and take stored actions."""
 
@@ -101,11 +130,13 @@ class PixelEnv:
 
             self.env = gym.make(register_fast_env())
         else:
+            register(cfg)
             if self.from_render:  # pygame draws off-screen; without this SDL looks for a display
                 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
             self.env = gym.make(str(cfg.id), render_mode="rgb_array" if self.from_render else None)
         self.space = action_space(cfg)
         _check_space(self.space, self.env.action_space, str(cfg.id))
+        self.obs_key = cfg.get("obs_key")  # a dict observation's frame (VizDoom: screen)
         self.crop, self.size, self.resample = dict(cfg.crop), int(cfg.image_size), str(cfg.resample)
         # `pixel_range: [lo, hi]` maps 0..255 linearly onto lo..hi: a frame of pure white and black would
         # drive the VAE's sigmoid output into saturation, where it stops learning (measured on CartPole:
@@ -115,12 +146,15 @@ class PixelEnv:
         self.widen_by = tuple(cfg.get("widen") or (1, 1))
         lo, hi = cfg.get("pixel_range") or (0, 255)
         self.levels = None if (lo, hi) == (0, 255) else np.round(np.linspace(lo, hi, 256)).astype(np.uint8)
+        _OPEN.add(self)
 
     @property
     def unwrapped(self) -> gym.Env:
         return self.env.unwrapped
 
-    def _frame(self, obs: np.ndarray) -> np.ndarray:
+    def _frame(self, obs: np.ndarray | dict) -> np.ndarray:
+        if self.obs_key:
+            obs = obs[self.obs_key]
         frame = preprocess(
             self.env.render() if self.from_render else obs, self.crop, self.size, self.resample
         )
@@ -142,7 +176,9 @@ class PixelEnv:
         return self._frame(obs), float(reward), bool(terminated), bool(truncated)
 
     def close(self) -> None:
-        self.env.close()
+        if self in _OPEN:
+            _OPEN.discard(self)
+            self.env.close()
 
 
 def make_env(env_cfg: DictConfig) -> PixelEnv:

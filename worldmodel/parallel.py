@@ -6,7 +6,8 @@ a spawned process importing torch on a busy machine can take many seconds) is re
 
 Workers end with their parent: each watches the parent's sentinel and exits as soon as the parent is
 gone, however it died (kill -9 included), so no orphan is left waiting on its task queue. They ignore
-Ctrl-C, which the parent handles for them.
+Ctrl-C, which the parent handles for them. Each worker leads its own process group, and goes with that
+group: a process it started (VizDoom's engine runs as one) is killed with it, and never outlives it.
 
 Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
 `task(state, payload)` for every payload it is given. Functions must be importable (spawn).
@@ -17,6 +18,7 @@ and `make_pool` builds whichever the config names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -83,15 +85,23 @@ def _exit_with_parent() -> None:
 
     def watch() -> None:
         parent.join()  # returns when the parent's sentinel closes: the parent is gone
+        _kill_group(os.getpid())  # this worker and whatever it started
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group that worker `pid` leads (nothing if it is gone)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _worker_main(
     init: Callable, init_args: tuple, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgid(0, 0)  # its own group: see _kill_group
     _exit_with_parent()
     state = init(*init_args)
     results.put((wid, None, True, "ready"))  # timeouts count from here, not from process start
@@ -149,6 +159,7 @@ class WorkerPool(Pool):
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=5)
+        _kill_group(proc.pid)
         self.replaced += 1
         self._spawn()
 
@@ -229,4 +240,5 @@ class WorkerPool(Pool):
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
+            _kill_group(proc.pid)  # what it started and left running
         self.procs.clear()

@@ -1,7 +1,8 @@
 """The controller (C): [z, h] → action, parameters as one flat vector for CMA-ES. Pure torch, no I/O.
 
 Linear by default (the paper: 867 parameters for z = 32, h = 256 and 3 actions), or with one tanh
-hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h. Box actions are
+hidden layer (`hidden_units`, the paper's 40-unit variant); `inputs="z"` drops h, and `inputs="zhc"`
+adds the LSTM's cell state c (the paper's Doom controller read [z, h, c]). Box actions are
 tanh-bounded into [low, high] (defaults: CarRacing's, steering in [-1, 1], gas and brake in [0, 1]):
 a symmetric range scales tanh, any other takes (tanh + 1) / 2 onto it, and the dimensions in `clip`
 take clip(tanh, low, high) instead (the paper's and Dropout's Dream Land's brake: a zero output is no
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+MEMORY = {"z": 0, "zh": 1, "zhc": 2}  # controller inputs → how many hidden-sized vectors of M they read
 
 
 class Controller(nn.Module):
@@ -50,12 +53,12 @@ class Controller(nn.Module):
         self.clip = sorted(int(d) for d in clip or [])
         if any(not 0 <= d < action_dim for d in self.clip):
             raise ValueError(f"clip names action dimensions in [0, {action_dim}), got {self.clip}")
-        if inputs not in ("zh", "z"):
-            raise ValueError(f"inputs must be 'zh' or 'z', got {inputs!r}")
+        if inputs not in MEMORY:
+            raise ValueError(f"inputs must be one of {list(MEMORY)}, got {inputs!r}")
         self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
         out = action_dim - 1 if discrete else action_dim
         self.inputs, self.hidden_units = inputs, hidden_units
-        self.in_dim = latent + (hidden if inputs == "zh" else 0)
+        self.in_dim = latent + MEMORY[inputs] * hidden
         if (input_mean is None) != (input_std is None):
             raise ValueError("input_mean and input_std come together")
         self.input_mean = None if input_mean is None else [float(v) for v in input_mean]
@@ -113,13 +116,21 @@ class Controller(nn.Module):
             i += n
         return out
 
-    def inputs_of(self, z: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
-        """What this controller reads, before standardisation: [z, h] or z."""
-        return torch.cat([z, h], dim=-1) if self.inputs == "zh" else z
+    def inputs_of(
+        self, z: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What this controller reads, before standardisation: z, [z, h] or [z, h, c]."""
+        return torch.cat([z, h, c][: 1 + MEMORY[self.inputs]], dim=-1)
 
-    def act(self, params: torch.Tensor, z: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
-        """params (N, n_params), z (N, Z), h (N, H) → actions (N, action_dim)."""
-        x = self.inputs_of(z, h)
+    def act(
+        self,
+        params: torch.Tensor,
+        z: torch.Tensor,
+        h: torch.Tensor | None,
+        c: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """params (N, n_params), z (N, Z), h and c (N, H): M's memory → actions (N, action_dim)."""
+        x = self.inputs_of(z, h, c)
         if self._standardise is not None:
             x = (x - self._standardise[0]) / self._standardise[1]
         layers = self._unpack(params)
@@ -139,6 +150,8 @@ class Controller(nn.Module):
         mapped = torch.where(low == -high, squashed * high, low + (squashed + 1) / 2 * (high - low))
         return torch.where(self._clipped, torch.maximum(torch.minimum(squashed, high), low), mapped)
 
-    def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This controller's own parameters on a batch of inputs."""
-        return self.act(self.flat.expand(z.shape[0], -1), z, h)
+        return self.act(self.flat.expand(z.shape[0], -1), z, h, c)

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: DictConfig) -> None:
     one_of(cfg, "evolve.mode", ["real", "dream"])
-    one_of(cfg, "evolve.inputs", ["zh", "z"])
+    one_of(cfg, "evolve.inputs", ["zh", "z", "zhc"])
     one_of(cfg, "evolve.initial_z", ["real", "normal"])
     one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
     one_of(cfg, "evolve.select", ["best", "mean"])
