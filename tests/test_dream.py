@@ -4,6 +4,7 @@ terminal reward of a dreamed done, and data of C's own kind (policy=linear_rando
 from __future__ import annotations
 
 import csv
+import math
 
 import h5py
 import mlflow
@@ -66,6 +67,23 @@ def test_a_dreamed_done_earns_the_terminal_reward_once():
     free, _ = dream_rollouts(rnn, controller, params, z0, seeds, 50, 1.0)
     paid, _ = dream_rollouts(rnn, controller, params, z0, seeds, 50, 1.0, done_reward=-100.0)
     torch.testing.assert_close(paid, free - 100.0)
+
+
+def test_the_done_threshold_is_on_the_unweighted_probability():
+    """The paper's Doom rule, logit > 0 at done weight 10, is P(done) > 1/11 once the weight is out."""
+    rnn = MDNRNN(8, 3, hidden=16, mixtures=2, done_pos_weight=10.0).eval()
+    with torch.no_grad():
+        rnn.head.weight[-1].zero_()
+        rnn.head.bias[-1] = math.log(10.0) + math.log(0.2 / 0.8)  # weighted logit of P(done) = 0.2
+        rnn.head.weight[-2].zero_()
+        rnn.head.bias[-2] = 1.0  # a reward of 1 per step
+    controller = Controller(8, 16)
+    params, seeds = torch.zeros(2, controller.n_params), [0, 1]
+    z0 = initial_latents(None, None, seeds, 8)
+    lasts, _ = dream_rollouts(rnn, controller, params, z0, seeds, 30, 1.0)
+    ends, _ = dream_rollouts(rnn, controller, params, z0, seeds, 30, 1.0, done_threshold=1 / 11)
+    assert lasts.tolist() == [30.0, 30.0], "P = 0.2 is under the default threshold 0.5"
+    assert ends.tolist() == [1.0, 1.0], "and over 1/11: the first step ends the dream"
 
 
 def test_agent_samples_z_per_row_from_its_episode_seed():

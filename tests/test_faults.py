@@ -121,7 +121,9 @@ def test_sigterm_ends_the_run_killed_and_cleans_up(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert "interrupted (SIGTERM)" in out and "Traceback" not in out, out[-2000:]
     wait_for(lambda: not any(alive(w) for w in workers), 15, "workers to exit")
-    assert the_run(tmp_path, "collect").info.status == "KILLED"
+    run = the_run(tmp_path, "collect")
+    assert run.info.status == "KILLED"
+    assert f"stage=collect inputs.resume={run.info.run_id}" in out, "the message names the run to resume"
     assert not list(tmp_path.glob("artifacts/**/*.partial"))
 
 

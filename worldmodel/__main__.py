@@ -48,7 +48,12 @@ def app(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt as err:
         why, stage = str(err) or "SIGINT", str(cfg.stage.name)
-        how = "resume it with inputs.resume=<its run id>" if stage in RESUMABLE else "run it again"
+        run_id = getattr(err, "run_id", None)
+        how = (
+            f"resume it with `stage={stage} inputs.resume={run_id}`"
+            if stage in RESUMABLE and run_id
+            else "run it again"
+        )
         log.error("%s: interrupted (%s); its MLflow run ends KILLED: %s", stage, why, how)
         sys.exit(128 + getattr(signal, why, signal.SIGINT))
 

@@ -82,6 +82,7 @@ def dream_rollouts(
     dropout: float = 0.0,
     sample_done: bool = False,
     done_reward: float = 0.0,
+    done_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run N dreams at once: params (N, n_params) (one controller per row), z0 (N, Z), one seed per row.
     Returns the total predicted reward per row (counted until the dream ends), and with `record` the
@@ -89,7 +90,7 @@ def dream_rollouts(
 
     `dropout` > 0 gives each rollout its own variational dropout masks on M (z and the recurrent h),
     held for the whole dream, so a controller cannot fit one model's quirks (Dropout's Dream Land). A
-    dream ends when M predicts done: P(done) > 0.5, or with `sample_done` a draw from Bernoulli(P(done))
+    dream ends when M predicts done: P(done) > `done_threshold`, or with `sample_done` a draw from Bernoulli(P(done))
     at every step, P with the done loss's weight taken out. A dream that ends so, before `max_steps`,
     also earns `done_reward`: what the real env pays for that ending (CarRacing: −100 for leaving the
     playfield), so that ending early does not pay."""
@@ -108,7 +109,7 @@ def dream_rollouts(
         total += torch.where(alive, out.reward, torch.zeros(()))
         u, eps, u_done = noise.at(t)
         p_done = rnn.done_probability(out.done_logit)
-        ends = alive & ((u_done < p_done) if sample_done else p_done > 0.5)
+        ends = alive & ((u_done < p_done) if sample_done else p_done > done_threshold)
         total += torch.where(ends, torch.tensor(float(done_reward)), torch.zeros(()))
         alive &= ~ends
         if not alive.any():
@@ -126,6 +127,7 @@ class DreamSettings:
     dropout: float = 0.0
     sample_done: bool = False
     done_reward: float = 0.0
+    done_threshold: float = 0.5
     z: str = "sample"  # agent.z: how starting latents are read from real first frames
 
     @classmethod
@@ -140,6 +142,7 @@ class DreamSettings:
             float(hp.dream_dropout),
             hp.dream_done == "sample",
             float(done_reward),
+            float(hp.done_threshold),
             str(cfg.agent.z),
         )
 
@@ -170,6 +173,7 @@ def dream_returns(
         dropout=settings.dropout,
         sample_done=settings.sample_done,
         done_reward=settings.done_reward,
+        done_threshold=settings.done_threshold,
     )
     return returns.view(p, r).numpy()
 

@@ -272,10 +272,13 @@ def _reap_dead_runs(experiment_id: str, stage: str) -> None:
 def run_status() -> Iterator[None]:
     """End the active run FINISHED, or KILLED on Ctrl-C and FAILED on any other exception, so that an
     interrupted run is never picked up as an input."""
+    run_id = mlflow.active_run().info.run_id
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         mlflow.end_run("KILLED")
+        if not hasattr(err, "run_id"):  # the innermost run: the one to resume
+            err.run_id = run_id
         raise
     except BaseException:
         mlflow.end_run("FAILED")

@@ -57,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "evolve.inputs", ["zh", "z", "zhc"])
     one_of(cfg, "evolve.initial_z", ["real", "normal"])
     one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
+    check(cfg, "evolve.done_threshold", lambda v: 0 < v < 1, "a probability in (0, 1)")
     one_of(cfg, "evolve.select", ["best", "mean"])
     check(
         cfg,
