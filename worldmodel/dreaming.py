@@ -90,10 +90,10 @@ def dream_rollouts(
 
     `dropout` > 0 gives each rollout its own variational dropout masks on M (z and the recurrent h),
     held for the whole dream, so a controller cannot fit one model's quirks (Dropout's Dream Land). A
-    dream ends when M predicts done: P(done) > `done_threshold`, or with `sample_done` a draw from Bernoulli(P(done))
-    at every step, P with the done loss's weight taken out. A dream that ends so, before `max_steps`,
-    also earns `done_reward`: what the real env pays for that ending (CarRacing: −100 for leaving the
-    playfield), so that ending early does not pay."""
+    dream ends when M predicts done: P(done) > `done_threshold`, or with `sample_done` a draw from
+    Bernoulli(P(done)) at every step, P with the done loss's weight taken out. A dream that ends so,
+    before `max_steps`, also earns `done_reward`: what the real env pays for that ending (CarRacing: −100
+    for leaving the playfield), so that ending early does not pay."""
     n = z0.shape[0]
     z, state = z0, rnn.initial_state(n)
     noise = _Noise(seeds, rnn.latent)
