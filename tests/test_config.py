@@ -40,7 +40,7 @@ def test_stage_groups_are_complete():
     assert {"smoke", "laptop", "workstation", "iterative", "paper"} <= set(options("experiment"))
 
 
-@pytest.mark.parametrize("preset", ["laptop", "workstation", "iterative", "paper"])
+@pytest.mark.parametrize("preset", ["laptop", "workstation", "iterative", "doom", "paper"])
 def test_presets_validate_and_end_with_evaluate_on_enough_tracks(preset):
     from worldmodel.stages import pipeline
 
@@ -72,6 +72,8 @@ def test_experiment_smoke_overrides_defaults():
         ("policy.probs=[0.5,0.5,0.5,0.5]", "policy.probs"),
         ("seed=-1", "seed"),
         ("backend._target_=nowhere.Pool", "backend._target_"),
+        ("inputs.collect=[]", "inputs.collect"),
+        ("inputs.train_vae=[a,b]", "inputs.train_vae"),
     ],
 )
 def test_bad_values_fail_before_work_naming_the_key(tmp_path, override, key):

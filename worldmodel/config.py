@@ -123,9 +123,28 @@ def validate_common(cfg: DictConfig) -> None:
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     one_of(cfg, "agent.z", ["mean", "sample"])
     _check_backend(cfg)
+    for stage in (*STAGES, "resume"):
+        check(
+            cfg,
+            f"inputs.{stage}",
+            lambda v, s=stage: v is None or (isinstance(v, str) and v.strip()) or _run_ids(v, s),
+            "null or a run id" + (" or a non-empty list of run ids" if stage in LISTS else ""),
+        )
     check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
     if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage
         resumable(cfg, cfg.stage.name)
+
+
+LISTS = ("collect", "evolve")  # inputs that may name several runs (merge; the fidelity check)
+
+
+def _run_ids(value: Any, stage: str) -> bool:
+    return (
+        stage in LISTS
+        and isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(v, str) and v.strip() for v in value)
+    )
 
 
 def _check_backend(cfg: DictConfig) -> None:
