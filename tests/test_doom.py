@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import mlflow
@@ -28,9 +29,15 @@ NOOP, LEFT, RIGHT = np.eye(3, dtype=np.float32)
 
 
 def _engines() -> set[int]:
-    """The VizDoom engine processes running now (each env starts one)."""
-    out = subprocess.run(["pgrep", "-f", "vizdoom/vizdoom"], capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+    """The VizDoom engine processes running now (each env starts one), from /proc."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"vizdoom/vizdoom" in (proc / "cmdline").read_bytes().split(b"\0")[0]:
+                pids.add(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
 
 
 def test_frames_are_the_whole_screen_at_64_and_actions_are_one_hot():
