@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 
@@ -40,7 +41,11 @@ def test_stage_groups_are_complete():
     assert {"smoke", "laptop", "workstation", "iterative", "paper"} <= set(options("experiment"))
 
 
-@pytest.mark.parametrize("preset", ["laptop", "workstation", "iterative", "doom", "paper"])
+NO_DOOM = importlib.util.find_spec("vizdoom") is None
+DOOM = pytest.param("doom", marks=pytest.mark.skipif(NO_DOOM, reason="needs the doom extra: make setup-doom"))
+
+
+@pytest.mark.parametrize("preset", ["laptop", "workstation", "iterative", DOOM, "paper"])
 def test_presets_validate_and_end_with_evaluate_on_enough_tracks(preset):
     from worldmodel.stages import pipeline
 
