@@ -89,6 +89,22 @@ def cfg_for(store: Path, *overrides: str):
         )
 
 
+def collect_run(store: Path, episodes: int, workers: int, *overrides: str) -> tuple[str, float]:
+    """A smoke collect of `episodes` × 1000 steps (or what `overrides` set) and its frames/s. Through the
+    CLI, as a user runs it (spawned workers then import only what `python -m worldmodel` does); the
+    stage's own frames/s: worker start-up included, MLflow set-up not."""
+    cli = [
+        sys.executable, "-m", "worldmodel", "stage=collect", "experiment=smoke",
+        f"paths.outputs={store}", f"hydra.run.dir={store}/run", f"collect.episodes={episodes}",
+        "collect.max_steps=1000", f"collect.workers={workers}", "collect.episodes_per_shard=2", *overrides,
+    ]  # fmt: skip
+    subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
+    cfg = cfg_for(store, *overrides)
+    tracking.setup(cfg)
+    run = tracking.resolve_run(cfg, "collect", None, {"image_size": "64"})
+    return run.info.run_id, run.data.metrics["frames_per_s"]
+
+
 def main() -> None:
     global WORKERS, DEVICE
     parser = argparse.ArgumentParser(description="worldmodel benchmarks, as ratios to same-run baselines")
@@ -126,21 +142,8 @@ def run_all(store: Path) -> None:
 
     # 2. collect with N workers against N × one process stepping the raw (fast) env, and against N ×
     #    collect itself with one worker (in-process: the same per-frame work, no pool).
-    def collect_run(episodes: int, workers: int) -> tuple[str, float]:
-        # Through the CLI, as a user runs it (spawned workers then import only what `python -m worldmodel`
-        # does); the stage's own frames/s: worker start-up included, MLflow set-up not.
-        cli = [
-            sys.executable, "-m", "worldmodel", "stage=collect", "experiment=smoke",
-            f"paths.outputs={store}", f"hydra.run.dir={store}/run", f"collect.episodes={episodes}",
-            "collect.max_steps=1000", f"collect.workers={workers}", "collect.episodes_per_shard=2",
-        ]  # fmt: skip
-        subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
-        tracking.setup(base)
-        run = tracking.resolve_run(base, "collect", None, {"image_size": "64"})
-        return run.info.run_id, run.data.metrics["frames_per_s"]
-
-    _, one_worker = collect_run(2, 1)
-    collect_id, collect_fps = collect_run(4 * WORKERS, WORKERS)  # its shards feed merge below
+    _, one_worker = collect_run(store, 2, 1)
+    collect_id, collect_fps = collect_run(store, 4 * WORKERS, WORKERS)  # its shards feed merge below
     record(f"collect frames/s, {WORKERS} workers (vs N x raw env)", collect_fps, WORKERS * fast, ">=0.9")
     record(
         f"collect frames/s, {WORKERS} workers (vs N x collect, 1 worker)",
@@ -335,15 +338,7 @@ def doom_rows(store: Path) -> None:
         record("Doom env steps/s, 64x64 frames (vs raw VizDoom)", best_of(pixel_rate), raw, "report")
     finally:
         env.close()
-    cli = [
-        sys.executable, "-m", "worldmodel", "stage=collect", "experiment=smoke", "env=doom",
-        f"paths.outputs={store}", f"hydra.run.dir={store}/doom", f"collect.episodes={2 * WORKERS}",
-        "collect.max_steps=2100", f"collect.workers={WORKERS}", "collect.episodes_per_shard=2",
-    ]  # fmt: skip
-    subprocess.run(cli, check=True, cwd=ROOT, capture_output=True)
-    tracking.setup(doom)
-    run = tracking.resolve_run(doom, "collect", None, {"image_size": "64"})
-    fps = run.data.metrics["frames_per_s"]
+    _, fps = collect_run(store, 2 * WORKERS, WORKERS, "env=doom", "collect.max_steps=2100")
     record(f"Doom collect frames/s, {WORKERS} workers (vs N x raw VizDoom)", fps, WORKERS * raw, "report")
 
 

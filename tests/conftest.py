@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
+import mlflow
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -29,6 +30,17 @@ def shard_arrays(run_id: str) -> dict[str, np.ndarray]:
             for key in (*DATASETS, "episode"):
                 out.setdefault(key, []).append(f[key][:])
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def children_of(run_id: str) -> dict:
+    """The child runs of an MLflow run (a pipeline's stages, a round's), by their `stage` tag."""
+    run = mlflow.get_run(run_id)
+    found = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        output_format="list",
+    )
+    return {c.data.tags["stage"]: c for c in found}
 
 
 def compose_config(*overrides: str) -> DictConfig:

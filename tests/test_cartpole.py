@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import compose_config
+from tests.conftest import children_of, compose_config
 from worldmodel import tracking
 from worldmodel.envs import make_env, widen
 from worldmodel.models.controller import Controller
@@ -69,14 +69,7 @@ def test_cartpole_smoke_pipeline(tmp_path):
     run = mlflow.get_run(parent)
     assert run.info.status == "FINISHED"
     assert mlflow.get_experiment(run.info.experiment_id).name == "CartPole-v1"
-    children = {
-        c.data.tags["stage"]: c
-        for c in mlflow.search_runs(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-            output_format="list",
-        )
-    }
+    children = children_of(parent)
     assert all(c.info.status == "FINISHED" for c in children.values()) and len(children) == 8
     assert children["collect"].data.tags["policy"] == "hold_random"
     dataset = tracking.artifact_path(children["merge"].info.run_id, "dataset.h5")

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tests.conftest import children_of
 from worldmodel import tracking
 from worldmodel.agent import standardisation
 from worldmodel.checkpoints import load_module, save_checkpoint
@@ -270,14 +271,6 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     tracking.setup(smoke("mlflow.experiment=pipeline-test"))
     run = mlflow.get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pipeline"
-
-    def children_of(run_id):
-        found = mlflow.search_runs(
-            experiment_ids=[run.info.experiment_id],
-            output_format="list",
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        )
-        return {c.data.tags["stage"]: c for c in found}
 
     stages = children_of(parent)
     assert sorted(stages) == sorted(

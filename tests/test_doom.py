@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import compose_config
+from tests.conftest import children_of, compose_config
 from worldmodel import tracking
 from worldmodel.config import PROJECT_ROOT
 from worldmodel.envs import make_env
@@ -126,14 +126,7 @@ def test_doom_smoke_pipeline_trains_in_the_dream_and_leaves_no_engine(tmp_path):
     run = mlflow.get_run(parent)
     assert run.info.status == "FINISHED"
     assert mlflow.get_experiment(run.info.experiment_id).name == "VizdoomTakeCover-v1"
-    children = {
-        c.data.tags["stage"]: c
-        for c in mlflow.search_runs(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-            output_format="list",
-        )
-    }
+    children = children_of(parent)
     assert all(c.info.status == "FINISHED" for c in children.values()) and len(children) == 8
     with h5py.File(tracking.artifact_path(children["merge"].info.run_id, "dataset.h5"), "r") as f:
         assert f["images"].shape[2:] == (64, 64, 3) and f["images"].dtype == np.uint8
