@@ -122,7 +122,7 @@ def test_latent_size_mismatch_is_one_line(smoke, vae_run):
     with pytest.raises(WorldModelError, match="latent_size=32") as err:
         run_stage(smoke("stage=encode", "latent=z16", f"inputs.train_vae={vae_run}"))
     assert "\n" not in str(err.value)
-    with pytest.raises(WorldModelError, match="no FINISHED encode run with latent_size=64"):
+    with pytest.raises(WorldModelError, match="no FINISHED encode run with env=CarRacing-v3, latent_size=64"):
         run_stage(smoke("stage=train_rnn", "latent=z64"))
 
 

@@ -9,10 +9,12 @@ import sys
 import threading
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from worldmodel.config import CONFIG_DIR, RESUMABLE
+from worldmodel.config import CONFIG_DIR, RESUMABLE, refuse_added_keys
 from worldmodel.errors import WorldModelError
+from worldmodel.files import disk_error
 from worldmodel.stages import run_stage
 
 log = logging.getLogger("worldmodel")
@@ -41,10 +43,17 @@ def app(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     sys.unraisablehook = _redeliver
     try:
+        hydra_cfg = HydraConfig.get()
+        refuse_added_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())
         run_stage(cfg)
     except WorldModelError as err:
         # Expected user-facing problems: one line, no traceback, non-zero exit.
         log.error("%s: %s", cfg.stage.name, err)
+        sys.exit(2)
+    except Exception as err:  # a full disk or a refused write, wherever it struck, is one line too
+        if (disk := disk_error(err)) is None:
+            raise
+        log.error("%s: %s", cfg.stage.name, disk)
         sys.exit(2)
     except KeyboardInterrupt as err:
         why, stage = str(err) or "SIGINT", str(cfg.stage.name)

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel.checkpoints import load_module
-from worldmodel.envs import PixelEnv, action_space
+from worldmodel.envs import ActionSpace, PixelEnv, action_space
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
@@ -60,8 +60,16 @@ def load_rnn(path: Path | str) -> MDNRNN:
     return load_module(MDNRNN, path)
 
 
-def load_controller(path: Path | str) -> Controller:
-    return load_module(Controller, path)
+def load_controller(path: Path | str, space: ActionSpace) -> Controller:
+    """A saved controller, checked against the actions (`space`) of the env it is to act in."""
+    controller = load_module(Controller, path)
+    if (controller.action_dim, controller.discrete) != (space.dim, space.kind == "discrete"):
+        kind = "discrete" if controller.discrete else "box"
+        raise WorldModelError(
+            f"{path}: this controller acts with {controller.action_dim}-d {kind} actions but the env takes "
+            f"{space.dim}-d {space.kind} ones; use a controller evolved on this env"
+        )
+    return controller
 
 
 def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:

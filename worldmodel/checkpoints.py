@@ -3,7 +3,6 @@ not at all, and read with `weights_only=True` (no pickled code runs on load)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,14 @@ import torch
 from torch import nn
 
 from worldmodel.errors import WorldModelError, one_line
+from worldmodel.files import atomic
 
 
 def save_checkpoint(path: Path, model: nn.Module, **extra: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
     # Plain Python numbers only: numpy scalars would not load under weights_only=True.
     extra = {k: v.item() if isinstance(v, np.generic) else v for k, v in extra.items()}
-    torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, **extra}, partial)
-    os.replace(partial, path)
+    with atomic(path) as partial:
+        torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, **extra}, partial)
 
 
 def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict[str, Any]:

@@ -54,11 +54,12 @@ def replay(
     fitness, the digest), each after the tell. The asks must match the stored digests."""
     fitnesses, digests = load(run_id, popsize)
     for gen, (fitness, stored) in enumerate(zip(fitnesses, digests)):
-        solutions = np.asarray(es.ask(), dtype=np.float32)
+        asked = es.ask()
+        solutions = np.asarray(asked, dtype=np.float32)
         if digest(solutions) != str(stored):
             raise WorldModelError(
                 f"evolve run {run_id}: {HISTORY} does not replay at generation {gen} "
                 "(written with other settings or another version); start a new run"
             )
-        es.tell(list(solutions.astype(np.float64)), list(-fitness))
+        es.tell(asked, list(-fitness))
         yield gen, solutions, fitness, str(stored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from collections.abc import Callable, Iterable
@@ -145,6 +146,34 @@ def _run_ids(value: Any, stage: str) -> bool:
         and len(value) > 0
         and all(isinstance(v, str) and v.strip() for v in value)
     )
+
+
+def refuse_added_keys(overrides: Iterable[str], groups: Iterable[str]) -> None:
+    """`+key=value` and `++key=value` may not bring in a key the config does not have: a typo
+    (`+collect.episdoes=2`) would otherwise run with the default and log the typo as a param. Config
+    groups (`+experiment=smoke`) and Hydra's own keys are left alone. Runs inside the Hydra app."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups = set(groups)
+    added = [
+        o
+        for o in parsed
+        if (o.is_add() or o.is_force_add())
+        and o.key_or_group not in groups
+        and not o.key_or_group.startswith("hydra")
+    ]
+    if not added:
+        return
+    keep = [o.input_line for o in parsed if o not in added]
+    known = flatten(OmegaConf.to_container(compose(config_name="config", overrides=keep)))
+    for o in added:
+        key = o.key_or_group
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else "; see `--cfg job` for the keys"
+            raise WorldModelError(f"unknown config key '{key}' (from {o.input_line}){hint}")
 
 
 def _check_backend(cfg: DictConfig) -> None:

@@ -257,7 +257,7 @@ class ControllerPolicy(Policy):
     def controller(self, rnn, paths: dict):
         from worldmodel.agent import load_controller
 
-        return load_controller(paths["controller"])
+        return load_controller(paths["controller"], self.space)
 
     def new_track(self) -> None:
         self.agent.reset([int(self.rng.integers(2**31))])

@@ -32,8 +32,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from worldmodel import files
 from worldmodel.config import PROJECT_ROOT, RESUMABLE, flatten
-from worldmodel.errors import WorldModelError
+from worldmodel.errors import WorldModelError, one_line
 
 log = logging.getLogger(__name__)
 # MLflow's own download bars would interleave with ours.
@@ -67,8 +68,44 @@ def setup(cfg: DictConfig) -> str:
         # Jobs of a parallel sweep would otherwise race to create the tables of a new store.
         with open(db.with_name(db.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            _probe(uri)
             return _select_experiment(cfg, uri)
+    _probe(uri)
     return _select_experiment(cfg, uri)
+
+
+_answered: set[str] = set()
+# For the first request only: MLflow's defaults (7 retries, 120 s each) take minutes to give up.
+_PROBE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _probe(uri: str) -> None:
+    """One cheap request to the store, so that a server that does not answer, or a store MLflow
+    refuses, fails in one line within seconds and before any work."""
+    if uri in _answered:
+        return
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise WorldModelError(
+            f"tracking URI {uri} is a file store, which MLflow 3 refuses; use a database "
+            "(sqlite:///<dir>/mlflow.db; unset, mlflow.tracking_uri means the store under paths.outputs)"
+        )
+    saved = {k: os.environ.get(k) for k in _PROBE_SETTINGS}
+    os.environ.update(_PROBE_SETTINGS)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # requests' errors, MlflowException, sqlite's OperationalError
+        raise WorldModelError(
+            f"tracking URI {uri} does not answer ({one_line(err, 120)}…); start its server, or point "
+            "mlflow.tracking_uri (or $MLFLOW_TRACKING_URI) at a store that answers"
+        ) from err
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    _answered.add(uri)
 
 
 def _select_experiment(cfg: DictConfig, uri: str) -> str:
@@ -162,8 +199,9 @@ def stage_run(
     else:
         _reap_dead_runs(experiment_id, stage)
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
+    reserve = files.Reserve(_store_dir(cfg))
     active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
-    with run_status(), _heartbeat(active.info.run_id):
+    with run_status(reserve), _heartbeat(active.info.run_id):
         all_tags = {
             "stage": stage,
             "env": str(cfg.env.id),
@@ -225,23 +263,27 @@ def _alive(run: Run) -> str | None:
     if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
         # On this host the process itself decides: a busy process is never taken for dead.
         pid = int(tags["pid"])
-        return f"process {pid} on this host" if _process_exists(pid) else None
+        return f"process {pid} on this host" if files.process_exists(pid) else None
     age = time.time() - float(tags.get("heartbeat", 0))
     if age < 3 * HEARTBEAT_S:
         return f"on {tags.get('host', 'another host')}, heartbeat {age:.0f} s ago"
     return None
 
 
-def _process_exists(pid: int) -> bool:
-    """Whether `pid` is alive. A reused pid reads as alive too: that errs on the safe side (a run is
-    refused or left alone, never cleaned up under a live process)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# What each stage writes itself, relative to its artifact root (globs): the reaper removes the partial
+# files of exactly these names (files.partial_of), and no other file.
+REPORT = ("scores.csv", "score_histogram.png", "gifs/*.gif")
+WRITES = {
+    "collect": ("shards/shard_*.h5",),
+    "merge": ("dataset.h5",),
+    "encode": ("latents.h5",),
+    "train_vae": ("checkpoints/best.pt", "checkpoints/last.pt"),
+    "train_rnn": ("checkpoints/best.pt", "checkpoints/last.pt"),
+    "evolve": ("controller.pt", "cma/history.npz", *REPORT),
+    "evaluate": REPORT,
+    "dream": ("gifs/*.gif", "fidelity/*.png", "fidelity/*.csv"),
+    "pipeline": (),
+}
 
 
 def _reap_dead_runs(experiment_id: str, stage: str) -> None:
@@ -259,8 +301,7 @@ def _reap_dead_runs(experiment_id: str, stage: str) -> None:
             continue
         parsed = urlparse(run.info.artifact_uri)
         if parsed.scheme in ("", "file"):
-            for partial in Path(unquote(parsed.path)).rglob("*.partial*"):
-                partial.unlink(missing_ok=True)
+            files.remove_partials(Path(unquote(parsed.path)), WRITES[stage])
         client.set_terminated(run.info.run_id, "KILLED")
         client.set_tag(run.info.run_id, "killed_reason", "its process was gone")
         log.warning(
@@ -269,21 +310,38 @@ def _reap_dead_runs(experiment_id: str, stage: str) -> None:
 
 
 @contextlib.contextmanager
-def run_status() -> Iterator[None]:
+def run_status(reserve: files.Reserve | None = None) -> Iterator[None]:
     """End the active run FINISHED, or KILLED on Ctrl-C and FAILED on any other exception, so that an
-    interrupted run is never picked up as an input."""
+    interrupted run is never picked up as an input. The `reserve` is given back first, so that a full
+    disk still has room for the store to record the end."""
     run_id = mlflow.active_run().info.run_id
     try:
         yield
     except KeyboardInterrupt as err:
+        _release(reserve)
         mlflow.end_run("KILLED")
         if not hasattr(err, "run_id"):  # the innermost run: the one to resume
             err.run_id = run_id
         raise
     except BaseException:
+        _release(reserve)
         mlflow.end_run("FAILED")
         raise
+    _release(reserve)
     mlflow.end_run("FINISHED")
+
+
+def _release(reserve: files.Reserve | None) -> None:
+    if reserve is not None:
+        reserve.release()
+
+
+def _store_dir(cfg: DictConfig) -> Path:
+    """Where the store keeps its files: the SQLite file's folder, else paths.outputs."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return Path(cfg.paths.outputs)
 
 
 # ---- artifacts ------------------------------------------------------------------------------------
@@ -315,14 +373,9 @@ def artifact(name: str) -> Iterator[Path]:
     artifact only when the block completes; on an error nothing is left under the final name."""
     subdir, _, filename = name.rpartition("/")
     directory, in_place = local_artifact_dir(subdir)
-    final = directory / filename
-    partial = final.with_name(f"{final.stem}.partial{final.suffix}")
-    try:
+    with files.atomic(directory / filename) as partial:
         yield partial
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
-    publish(final, subdir, in_place)
+    publish(directory / filename, subdir, in_place)
 
 
 def publish(file: Path, subpath: str, in_place: bool) -> None:
@@ -345,7 +398,12 @@ def artifact_path(run_id: str, path: str) -> Path:
 
 
 def list_artifacts(run_id: str, path: str) -> list[str]:
-    return [a.path for a in MlflowClient().list_artifacts(run_id, path) if not a.is_dir]
+    try:
+        return [a.path for a in MlflowClient().list_artifacts(run_id, path) if not a.is_dir]
+    except MlflowException as err:  # e.g. a folder symlinked out of the store, which MLflow refuses
+        raise WorldModelError(
+            f"run {run_id}: cannot list its artifacts '{path}' ({one_line(err, 120)})"
+        ) from err
 
 
 # ---- resolving inputs -----------------------------------------------------------------------------
@@ -364,8 +422,9 @@ def _how_to_make(stage: str) -> str:
 
 def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[str, str]) -> Run:
     """The upstream run of `stage`: the given id (checked); when resuming, the one the resumed run read;
-    else the latest FINISHED compatible one."""
+    else the latest FINISHED compatible one. Compatible means the same env, and the `compat` tags."""
     setup(cfg)
+    compat = {"env": str(cfg.env.id), **compat}
     if not run_id and cfg.inputs.resume:
         run_id = _upstream_of(str(cfg.inputs.resume), stage)
     if run_id:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,15 @@ def restore(run_id: str | None, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.set_rng_state(ckpt["rng"])
     log.info("resuming run %s after epoch %d", run_id, ckpt["epoch"])
     return int(ckpt["epoch"]) + 1, float(ckpt["best_val"])
+
+
+def require_finite(value: float, what: str, stage: str) -> None:
+    """Stop a training run whose loss became NaN or inf (its inputs are checked finite as they are
+    read, so the model diverged), before a NaN checkpoint or metric is written."""
+    if not math.isfinite(value):
+        raise WorldModelError(
+            f"{stage}: {what} is {value}: training diverged; lower {stage}.lr (or clip gradients harder)"
+        )
 
 
 def checkpoint_epoch(

@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from worldmodel.data.rollouts import check_stored
 from worldmodel.errors import WorldModelError
 
 SCHEMA = "worldmodel.latents"
@@ -78,6 +79,17 @@ def inspect(path: Path, latent_size: int | None = None) -> LatentsInfo:
                     raise WorldModelError(
                         f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
                     )
+            for name in (
+                "mu",
+                "logvar",
+                "actions",
+                "rewards",
+                "dones",
+                "lengths",
+                "split/train",
+                "split/val",
+            ):
+                check_stored(Path(path), f[name])
             if latent_size is not None and z != latent_size:
                 raise WorldModelError(
                     f"{path} holds {z}-d latents but latent.size={latent_size}; "
@@ -92,12 +104,28 @@ def inspect(path: Path, latent_size: int | None = None) -> LatentsInfo:
         ) from err
 
 
+def check_finite(path: Path, name: str, values: np.ndarray, episodes: np.ndarray) -> None:
+    """A NaN or inf in an input would train M to NaN or score a controller NaN: one line naming the
+    file, the dataset and the first bad index (the episode as stored in the file)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        index = (int(episodes[where[0]]), *map(int, where[1:]))
+        raise WorldModelError(
+            f"{path}: dataset '{name}' holds {values[tuple(where)]} at index {list(index)}; "
+            "the file is damaged or was encoded from bad frames: re-run encode"
+        )
+
+
 def _read(f: h5py.File, episodes: np.ndarray) -> dict[str, np.ndarray]:
     order = np.argsort(episodes, kind="stable")  # HDF5 reads a sorted selection; put it back in order
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     wanted = np.asarray(episodes)[order]
-    return {k: f[k][wanted][rank] for k in ("mu", "logvar", "actions", "rewards", "dones", "lengths")}
+    out = {k: f[k][wanted][rank] for k in ("mu", "logvar", "actions", "rewards", "dones", "lengths")}
+    for name in ("mu", "logvar", "actions", "rewards"):
+        check_finite(Path(f.filename), name, out[name], np.asarray(episodes))
+    return out
 
 
 def stream(path: Path, episodes: np.ndarray, per_read: int) -> Iterator[dict[str, np.ndarray]]:
@@ -125,4 +153,7 @@ def first_steps(path: Path, episodes: np.ndarray) -> tuple[np.ndarray, np.ndarra
         for e in episodes:  # one chunk per episode is decompressed, then dropped
             mu.append(f["mu"][e, 0])
             logvar.append(f["logvar"][e, 0])
-    return np.stack(mu), np.stack(logvar)
+    mu, logvar = np.stack(mu), np.stack(logvar)
+    for name, values in (("mu", mu), ("logvar", logvar)):
+        check_finite(Path(path), name, values[:, None], np.asarray(episodes))
+    return mu, logvar

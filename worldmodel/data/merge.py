@@ -16,6 +16,7 @@ import numpy as np
 
 from worldmodel.data import rollouts
 from worldmodel.data.rollouts import RolloutInfo
+from worldmodel.files import partial_of
 
 PER_STEP = ("images", "actions", "rewards", "dones")  # (E, T, ...) datasets, chunked within an episode
 
@@ -66,7 +67,7 @@ def merge_files(
     """
     first = infos[0]
     total = sum(i.episodes for i in infos)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_of(out)
     attrs = {k: first.attrs[k] for k in (*rollouts.SETTINGS, "policy", "seed") if k in first.attrs}
     f = rollouts.create(
         partial,

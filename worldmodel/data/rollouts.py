@@ -17,6 +17,7 @@ train/validation split as datasets `split/train`, `split/val` (episode indices).
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections.abc import Callable
@@ -136,6 +137,34 @@ def finish(f: h5py.File, partial: Path, final: Path) -> None:
     os.replace(partial, final)
 
 
+MAX_CHUNK_BYTES = 64 * 2**20  # one chunk is what a reader holds at a time
+
+
+def check_stored(path: Path, dataset: h5py.Dataset) -> None:
+    """The shape a dataset declares is backed by data the file holds (every chunk stored, each of a
+    bounded size; contiguous bytes within the file), so a crafted header that declares 10⁹ episodes
+    fails here, before any reader allocates for it or loops over it."""
+    name, shape, itemsize = dataset.name.lstrip("/"), dataset.shape, dataset.dtype.itemsize
+    if dataset.chunks is None:
+        stored, wanted = dataset.id.get_storage_size(), math.prod(shape) * itemsize
+        ok = stored == wanted and stored <= os.path.getsize(path)
+        what = f"{stored} of its {wanted} bytes"
+    else:
+        if math.prod(dataset.chunks) * itemsize > MAX_CHUNK_BYTES:
+            raise WorldModelError(
+                f"{path}: dataset '{name}' declares chunks of {dataset.chunks}, over "
+                f"{MAX_CHUNK_BYTES >> 20} MB each; not a file worldmodel wrote: remove it"
+            )
+        wanted = math.prod(-(-s // c) for s, c in zip(shape, dataset.chunks))
+        stored = dataset.id.get_num_chunks()
+        ok, what = stored == wanted, f"{stored} of its {wanted} chunks"
+    if not ok:
+        raise WorldModelError(
+            f"{path}: dataset '{name}' declares shape {shape} but the file holds {what}; "
+            "it is truncated or crafted: remove it and re-run the stage that made it"
+        )
+
+
 @dataclass
 class RolloutInfo:
     path: Path
@@ -202,6 +231,8 @@ def inspect(path: Path, merged: bool = False) -> RolloutInfo:
             for name in ("split/train", "split/val") if merged else ():
                 if name not in f:
                     raise WorldModelError(f"{path}: dataset '{name}' is missing; it is not a merged dataset")
+            for name in (*expected, *(("split/train", "split/val") if merged else ())):
+                check_stored(Path(path), f[name])
             # Touch the last chunk of every dataset: a truncated file fails here, not halfway through a copy.
             for name in ("images", "actions", "rewards", "dones"):
                 if e:

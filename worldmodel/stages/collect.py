@@ -10,6 +10,7 @@ complete).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,10 +23,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from worldmodel import policies, tracking
+from worldmodel import files, policies, tracking
 from worldmodel.config import check, is_int, positive_int, positive_number
 from worldmodel.data import rollouts
 from worldmodel.errors import WorldModelError
+from worldmodel.files import partial_of
 from worldmodel.images import mosaic
 from worldmodel.parallel import make_pool
 from worldmodel.rollout import episode_task, init_worker, run_episode
@@ -90,6 +92,9 @@ def run(cfg: DictConfig) -> str:
         if not todo:
             log.info("collect: every shard of run %s is present and reads back whole", run.info.run_id)
             return run.info.run_id
+        # Frames compress 3-4× (CarRacing 3.6×); room for a third of the raw frames, before any work.
+        frame_bytes = int(cfg.env.image_size) ** 2 * 3
+        files.check_room(out_dir, len(todo) * int(cfg.collect.max_steps) * frame_bytes // 3, "collect")
 
         attrs = {
             "env_id": str(cfg.env.id),
@@ -171,23 +176,29 @@ class ShardWriter:
 
     def add(self, ep: rollouts.Episode) -> None:
         k = ep.index // self.per_shard
+        final = self.out_dir / shard_name(k)
         if k not in self.open:
             size = min(self.per_shard, self.episodes - k * self.per_shard)
-            partial = self.out_dir / (shard_name(k) + ".partial")
-            f = rollouts.create(partial, size, self.steps, self.image_size, ep.actions.shape[1], self.attrs)
-            self.open[k] = (f, partial, size)
+            self.open[k] = (None, partial_of(final), size)  # abort removes it if create fails halfway
+            f = rollouts.create(
+                partial_of(final), size, self.steps, self.image_size, ep.actions.shape[1], self.attrs
+            )
+            self.open[k] = (f, partial_of(final), size)
         f, partial, remaining = self.open[k]
         rollouts.write_episode(f, ep.index - k * self.per_shard, ep)
         if remaining > 1:
             self.open[k] = (f, partial, remaining - 1)
             return
+        rollouts.finish(f, partial, final)
         del self.open[k]
-        rollouts.finish(f, partial, self.out_dir / shard_name(k))
-        self.on_complete(self.out_dir / shard_name(k))
+        self.on_complete(final)
 
     def abort(self) -> None:
+        """Close and remove every shard still being written (a failed finish included)."""
         for f, partial, _ in self.open.values():
-            f.close()
+            if f is not None:
+                with contextlib.suppress(Exception):  # a full disk can fail the close too
+                    f.close()
             partial.unlink(missing_ok=True)
         self.open.clear()
 
@@ -217,8 +228,8 @@ def _resolve_agent(cfg: DictConfig) -> dict[str, str]:
 
 def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) -> set[int]:
     """Shards already finished by an earlier attempt of this run; leftovers of an interrupted shard go."""
-    for partial in out_dir.glob("*.partial"):
-        partial.unlink()  # an incomplete output of this same run, never an input
+    # An interrupted attempt's shards, by their exact names, in this run's own directory only.
+    files.remove_partials(out_dir, [shard_name(k) for k in range(n_shards)])
     present = {Path(p).name for p in tracking.list_artifacts(run_id, SHARDS)}
     done = set()
     for k in range(n_shards):

@@ -39,6 +39,7 @@ from worldmodel.models.vae import VAE
 from worldmodel.policies import make_policy
 from worldmodel.scoring import real_scorer
 from worldmodel.seeds import DREAM, FIDELITY, seed_of
+from worldmodel.stages.merge import dataset_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def run(cfg: DictConfig) -> str:
     controller = None
     if cfg.dream.mode == "free" and cfg.dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)
-        controller = load_controller(training.agent_files(evolve_run)["controller"])
+        controller = load_controller(training.agent_files(evolve_run)["controller"], action_space(cfg.env))
         upstream["evolve"] = evolve_run.info.run_id
     lat_path = tracking.artifact_path(encode_run.info.run_id, "latents.h5")
     latents.inspect(lat_path, int(cfg.latent.size))
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> str:
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
         out_dir, in_place = tracking.local_artifact_dir("gifs")
         if cfg.dream.mode == "replay":
-            dataset = tracking.artifact_path(encode_run.data.tags["upstream.merge"], "dataset.h5")
+            dataset, _ = dataset_of(encode_run.data.tags["upstream.merge"])
             _replay(cfg, vae, rnn, lat_path, dataset, out_dir, in_place)
         else:
             _free(cfg, vae, rnn, controller, lat_path, out_dir, in_place)
@@ -197,7 +198,7 @@ def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, tupl
     out = {}
     for run_id in ids:
         run = tracking.resolve_run(cfg, "evolve", str(run_id), {"latent_size": str(cfg.latent.size)})
-        controller = load_controller(training.agent_files(run)["controller"])
+        controller = load_controller(training.agent_files(run)["controller"], action_space(cfg.env))
         if run.data.tags.get("upstream.train_rnn") != world.rnn_run.info.run_id:
             log.warning("fidelity: evolve run %s was trained on another M; here it reads this M's h", run_id)
         name = f"evolve {run.info.run_id[:8]}"

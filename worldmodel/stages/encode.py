@@ -20,9 +20,10 @@ from worldmodel import tracking, training
 from worldmodel.agent import load_vae
 from worldmodel.config import positive_int
 from worldmodel.data import latents
-from worldmodel.data.rollouts import inspect
 from worldmodel.errors import WorldModelError
+from worldmodel.files import partial_of
 from worldmodel.models.vae import to_input
+from worldmodel.stages.merge import dataset_of
 
 log = logging.getLogger(__name__)
 LATENTS = "latents.h5"
@@ -37,8 +38,7 @@ def run(cfg: DictConfig) -> str:
     vae_run = tracking.resolve_run(cfg, "train_vae", cfg.inputs.train_vae, compat)
     merge_id = cfg.inputs.merge or vae_run.data.tags["upstream.merge"]
     merge_run = tracking.resolve_run(cfg, "merge", merge_id, {})
-    dataset = tracking.artifact_path(merge_run.info.run_id, "dataset.h5")
-    info = inspect(dataset, merged=True)
+    dataset, info = dataset_of(merge_run.info.run_id)
     device = training.pick_device(cfg)
     vae = load_vae(training.checkpoint_path(vae_run.info.run_id)).to(device)
     if info.image_size != vae.image_size:
@@ -55,7 +55,8 @@ def run(cfg: DictConfig) -> str:
     upstream = {"train_vae": vae_run.info.run_id, "merge": merge_run.info.run_id}
     with tracking.stage_run(cfg, "encode", ["encode", "latent"], upstream, compat) as run:
         out_dir, in_place = tracking.local_artifact_dir("")
-        partial, final = out_dir / (LATENTS + ".partial"), out_dir / LATENTS
+        final = out_dir / LATENTS
+        partial = partial_of(final)
         attrs = {
             "latent_size": vae.latent,
             "image_size": vae.image_size,

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from worldmodel import tracking, training
 from worldmodel.agent import load_controller
 from worldmodel.config import check, is_int, positive_int
+from worldmodel.envs import action_space
 from worldmodel.scoring import eval_seeds, eval_steps, evaluate, real_scorer
 
 
@@ -30,7 +31,7 @@ def run(cfg: DictConfig) -> str:
     evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
     training.check_agent_z(cfg, evolve_run)
     files = training.agent_files(evolve_run)
-    controller = load_controller(files["controller"])
+    controller = load_controller(files["controller"], action_space(cfg.env))
     upstream = {
         "evolve": evolve_run.info.run_id,
         "train_rnn": evolve_run.data.tags["upstream.train_rnn"],

@@ -130,7 +130,8 @@ def run(cfg: DictConfig) -> str:
         scorer = _real_scorer(cfg, files, controller)
         try:
             for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
-                solutions = np.asarray(es.ask(), dtype=np.float32)
+                asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
+                solutions = np.asarray(asked, dtype=np.float32)
                 seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
                 t0 = time.perf_counter()
                 if hp.mode == "dream":
@@ -139,7 +140,8 @@ def run(cfg: DictConfig) -> str:
                 else:
                     fitness, metrics = _real_fitness(scorer, solutions, seeds, hp)
                 elapsed = time.perf_counter() - t0
-                es.tell(list(solutions.astype(np.float64)), list(-fitness))  # cma minimises
+                _check_fitness(fitness, gen, str(hp.mode))
+                es.tell(asked, list(-fitness))  # cma minimises
                 best = _keep_best(best, solutions, fitness, gen)
                 top = int(np.argmax(fitness))
                 metrics |= {
@@ -188,6 +190,17 @@ def run(cfg: DictConfig) -> str:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()
         return run.info.run_id
+
+
+def _check_fitness(fitness: np.ndarray, gen: int, mode: str) -> None:
+    """A NaN fitness would steer CMA-ES nowhere and could be saved as the best controller."""
+    bad = np.flatnonzero(~np.isfinite(fitness))
+    if len(bad):
+        source = "M's dream (check the train_rnn run)" if mode == "dream" else "the real env's rewards"
+        raise WorldModelError(
+            f"evolve: candidate {bad[0]} of generation {gen} has fitness {fitness[bad[0]]}, from {source}; "
+            "nothing was saved"
+        )
 
 
 def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: DictConfig) -> np.ndarray:

@@ -9,13 +9,16 @@ runs in the order given, episodes by index within each.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
-from worldmodel import tracking
+from worldmodel import files, tracking
 from worldmodel.config import check, is_int, positive_int
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
@@ -42,6 +45,38 @@ def collect_run_ids(cfg: DictConfig) -> list[str | None]:
     return [str(given)]
 
 
+def dataset_of(run_id: str) -> tuple[Path, rollouts.RolloutInfo]:
+    """A merge run's dataset, inspected, holding the episodes the run recorded writing."""
+    path = tracking.artifact_path(run_id, DATASET)
+    info = rollouts.inspect(path, merged=True)
+    recorded = mlflow.get_run(run_id).data.metrics.get("episodes")
+    if recorded is not None and info.episodes != int(recorded):
+        raise WorldModelError(
+            f"{path}: {info.episodes} episodes, but merge run {run_id} wrote {int(recorded)}; "
+            "the file was replaced: run merge again"
+        )
+    return path, info
+
+
+def _check_declared(source: Run, infos: list[rollouts.RolloutInfo]) -> None:
+    """The shards hold the episodes, and episodes of the length, that their collect run was asked for."""
+    rid, params = source.info.run_id, source.data.params
+    expected = int(params.get("collect.episodes", sum(i.episodes for i in infos)))
+    found = sum(i.episodes for i in infos)
+    if found < expected:
+        raise WorldModelError(
+            f"collect run {rid} has {found} of its {expected} episodes; "
+            f"resume it with `stage=collect inputs.resume={rid}`"
+        )
+    steps = params.get("collect.max_steps")
+    for info in infos:
+        if found > expected or (steps is not None and info.steps != int(steps)):
+            raise WorldModelError(
+                f"{info.path}: {info.episodes} episodes of {info.steps} steps, but collect run {rid} was "
+                f"asked for {expected} episodes of {steps} steps; the shard is not this run's: re-collect it"
+            )
+
+
 def run(cfg: DictConfig) -> str:
     compat = {"image_size": str(cfg.env.image_size)}
     sources = [tracking.resolve_run(cfg, "collect", rid, compat) for rid in collect_run_ids(cfg)]
@@ -57,15 +92,9 @@ def run(cfg: DictConfig) -> str:
         if not names:
             raise WorldModelError(f"collect run {rid} has no shards; re-run it or pick another run")
         run_infos = [rollouts.inspect(tracking.artifact_path(rid, name)) for name in names]
+        _check_declared(source, run_infos)  # cheap, before the read-back of every chunk
         for info in tqdm(run_infos, desc=f"verify {rid[:8]}", unit="shard"):
             rollouts.verify(info.path, f"repair the shard with `stage=collect inputs.resume={rid}`")
-        expected = int(source.data.params.get("collect.episodes", sum(i.episodes for i in run_infos)))
-        found = sum(i.episodes for i in run_infos)
-        if found != expected:
-            raise WorldModelError(
-                f"collect run {rid} has {found} of its {expected} episodes; "
-                f"resume it with `stage=collect inputs.resume={rid}`"
-            )
         infos += run_infos
         owners += [rid] * len(run_infos)
     rollouts.check_same_settings(infos)
@@ -75,6 +104,9 @@ def run(cfg: DictConfig) -> str:
     tags = {"image_size": str(cfg.env.image_size)}
     with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
         out_dir, in_place = tracking.local_artifact_dir("")
+        # The dataset is about the size of its shards (the same compression): room for it before a byte
+        # is written (HDF5 can crash outright when the disk fills under it).
+        files.check_room(out_dir, sum(os.path.getsize(i.path) for i in infos) + 2**20, "merge")
         total = sum(i.episodes for i in infos)
         start = time.perf_counter()
         with tqdm(total=total, desc="merge", unit="ep") as bar:

@@ -35,6 +35,7 @@ from worldmodel.errors import WorldModelError
 from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
 
 log = logging.getLogger(__name__)
+STAGE = "train_rnn"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -219,8 +220,8 @@ def run(cfg: DictConfig) -> str:
 
     with tracking.stage_run(
         cfg,
-        "train_rnn",
-        ["train_rnn", "latent", "agent"],
+        STAGE,
+        [STAGE, "latent", "agent"],
         upstream,
         compat,
         resume=cfg.inputs.resume,
@@ -250,8 +251,9 @@ def run(cfg: DictConfig) -> str:
             with tqdm(
                 total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
             ) as bar:
-                for w in batches:
+                for i, w in enumerate(batches):
                     b, loss = batch_loss(model, w, cfg, generator, device)
+                    training.require_finite(loss.loss.item(), f"the loss of epoch {epoch}, batch {i}", STAGE)
                     optimizer.zero_grad(set_to_none=True)
                     loss.loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
@@ -268,6 +270,7 @@ def run(cfg: DictConfig) -> str:
             metrics |= evaluate(model, path, val, cfg, device)
             metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
             metrics["train/steps_per_s"] = n * int(hp.seq_len) / elapsed
+            training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)
             training.log_epoch(metrics, epoch)
             best = training.checkpoint_epoch(
                 ckpt_dir, in_place, model, optimizer, epoch, float(metrics["val/nll"]), best

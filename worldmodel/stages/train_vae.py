@@ -22,13 +22,14 @@ from tqdm import tqdm
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
-from worldmodel.data import rollouts
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
 from worldmodel.models.vae import SIZES, VAE, to_input, vae_loss
+from worldmodel.stages.merge import dataset_of
 
 log = logging.getLogger(__name__)
+STAGE = "train_vae"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -50,16 +51,15 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> str:
     merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, {"image_size": str(cfg.env.image_size)})
-    dataset = tracking.artifact_path(merge.info.run_id, "dataset.h5")
-    rollouts.inspect(dataset, merged=True)
+    dataset, _ = dataset_of(merge.info.run_id)
     device = training.pick_device(cfg)
     hp = cfg.train_vae
     tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
 
     with tracking.stage_run(
         cfg,
-        "train_vae",
-        ["train_vae", "latent", "env"],
+        STAGE,
+        [STAGE, "latent", "env"],
         {"merge": merge.info.run_id},
         tags,
         resume=cfg.inputs.resume,
@@ -90,6 +90,11 @@ def run(cfg: DictConfig) -> str:
         damaged = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
         with training.reading(dataset, damaged):
             val_frames = _validation_frames(dataset, int(hp.val_frames))
+        if val_frames.min() == val_frames.max():  # a VAE would learn one colour and report success
+            raise WorldModelError(
+                f"{dataset}: all {len(val_frames)} validation frames are the one value {val_frames.min()}: "
+                "the env rendered nothing; check env.frames and env.crop, then collect again"
+            )
         grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
         ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
 
@@ -99,11 +104,12 @@ def run(cfg: DictConfig) -> str:
             sums, frames, t0 = np.zeros(3), 0, time.perf_counter()
             batches = tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False)
             with training.reading(dataset, damaged):
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     x = to_input(batch.to(device, non_blocking=True))  # uint8 travels, floats on the device
                     with autocast:
                         recon, mu, logvar = model(x)
                     out = vae_loss(x, recon.float(), mu.float(), logvar.float(), float(hp.kl_tolerance))
+                    training.require_finite(out.loss.item(), f"the loss of epoch {epoch}, batch {i}", STAGE)
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
                     optimizer.step()
@@ -121,6 +127,7 @@ def run(cfg: DictConfig) -> str:
                 "val/kl": val[2],
                 "train/frames_per_s": frames / elapsed,
             }
+            training.require_finite(val[0], f"the validation loss of epoch {epoch}", STAGE)
             training.log_epoch(metrics, epoch)
             mlflow.log_image(
                 reconstruction_grid(model, grid, device), f"reconstructions/epoch_{epoch:03d}.png"
