@@ -199,7 +199,10 @@ def stage_run(
     else:
         _reap_dead_runs(experiment_id, stage)
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
-    reserve = files.Reserve(_store_dir(cfg))
+    uri = tracking_uri(cfg)  # a SQLite store shares its disk with the artifacts; hold room for its writes
+    reserve = (
+        files.Reserve(Path(uri.removeprefix("sqlite:///")).parent) if uri.startswith("sqlite:///") else None
+    )
     active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
     with run_status(reserve), _heartbeat(active.info.run_id):
         all_tags = {
@@ -334,14 +337,6 @@ def run_status(reserve: files.Reserve | None = None) -> Iterator[None]:
 def _release(reserve: files.Reserve | None) -> None:
     if reserve is not None:
         reserve.release()
-
-
-def _store_dir(cfg: DictConfig) -> Path:
-    """Where the store keeps its files: the SQLite file's folder, else paths.outputs."""
-    uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent
-    return Path(cfg.paths.outputs)
 
 
 # ---- artifacts ------------------------------------------------------------------------------------
