@@ -626,6 +626,25 @@ def test_a_disk_that_fills_during_collect_ends_the_run_failed_in_one_line(tmp_pa
         subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.slow
+def test_merge_with_300_kb_free_is_one_line_not_a_crash(tmp_path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=16m")
+    try:
+        code, out = run_app(disk, "stage=collect", *BIG_SHARD)
+        assert code == 0, out[-2000:]
+        stat = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:  # leave about 300 KB
+            f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 300 * 2**10))
+        code, out = run_app(disk, "stage=merge", "env=carracing")
+        assert code == 2, out[-2000:]
+        assert "merge needs about" in error_line(out) or "the disk is full" in error_line(out)
+        assert the_run(disk, "merge") is None or the_run(disk, "merge").info.status == "FAILED"
+        no_partials(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
 def test_a_read_only_outputs_folder_is_one_line(tmp_path):
     outputs = tmp_path / "ro"
     if os.geteuid() == 0:

@@ -38,6 +38,25 @@ from worldmodel.errors import WorldModelError
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a worker starts: cut short, its start-up data would leave it dying
+    with a traceback of its own. The signal is delivered as soon as the worker is started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            os.kill(os.getpid(), s)
+
+
 class Pool:
     """What both backends' pools share: `imap_unordered` and `close` are theirs, the rest is here."""
 
@@ -149,7 +168,8 @@ class WorkerPool(Pool):
             daemon=True,
             args=(self.init, self.init_args, self.task, tasks, self.results, wid),
         )
-        proc.start()
+        with _signals_held():
+            proc.start()
         self.procs[wid] = (proc, tasks)
         self.spawned[wid] = time.monotonic()
 
