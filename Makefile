@@ -44,7 +44,7 @@ $(VENV)/.installed-team: $(VENV)/.installed
 	$(BIN)/pip install -e ".[test,team]"
 	touch $@
 
-pipeline: setup ## all seven stages in order on the default config, one parent MLflow run (ARGS="..." adds overrides)
+pipeline: setup ## all eight stages in order on the default config, one parent MLflow run (ARGS="..." adds overrides)
 	$(PY) -m worldmodel stage=pipeline $(ARGS)
 
 sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64, compared in the MLflow UI

@@ -19,7 +19,7 @@ def test_collect_run_is_tracked(smoke, collect_run):
     run = mlflow.get_run(collect_run)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "collect" and run.data.tags["env"] == "CarRacing-v3"
-    assert run.data.tags["image_size"] == "64" and run.data.tags["git_commit"]
+    assert run.data.tags["image_size"] == "64" and run.data.tags["mlflow.source.git.commit"]
     assert run.data.params["collect.episodes"] == "4" and run.data.params["policy.name"] == "pseudo_random"
     assert run.data.params["env.image_size"] == "64" and run.data.params["seed"] == "0"
     m = run.data.metrics

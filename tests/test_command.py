@@ -141,3 +141,25 @@ def test_the_form_runs_the_pipeline_then_real_evolve_and_evaluate_with_workers(t
     assert evolve.data.tags["upstream.train_rnn"] == rnn and "fitness/mean" in evolve.data.metrics
     scored = [r for r in runs["evaluate"] if r.data.tags["upstream.evolve"] == evolve_id]
     assert len(scored) == 1 and scored[0].data.metrics["eval/episodes"] == 3
+
+
+def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path):
+    args = ["-m", "stage=collect", "collect.episodes=1,2", "collect.workers=1", "collect.max_steps=10"]
+    out = subprocess.run(
+        [sys.executable, "-m", "worldmodel", *args, "experiment=smoke", f"paths.outputs={tmp_path}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (sweep,) = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags["stage"] == "collect"]
+    assert sweep.info.status == "FINISHED" and "collect.episodes=1,2" in sweep.info.run_name
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {sweep.info.run_id}
+    assert {r.info.run_name for r in jobs} == {
+        f"collect collect.episodes={n} collect.workers=1 collect.max_steps=10 experiment=smoke"
+        for n in (1, 2)
+    }

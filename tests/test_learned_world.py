@@ -29,9 +29,17 @@ def test_train_vae_run(smoke, vae_run, merge_run):
     for key in ("train/loss", "train/recon", "train/kl", "val/recon", "val/kl", "train/frames_per_s"):
         assert key in run.data.metrics
     assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts(vae_run, "checkpoints")
-    assert {"reconstructions/epoch_000.png", "reconstructions/epoch_001.png"} <= artifacts(
-        vae_run, "reconstructions"
-    )
+    from worldmodel.stages import headline
+
+    assert headline("train_vae", vae_run) == run.data.metrics["best_val_loss"]  # what the app returns
+    kind = mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development", "the 3.x UI asks no type"
+    (used,) = run.inputs.dataset_inputs  # the run page lists it under Datasets
+    assert used.dataset.name == f"dataset.h5@{merge_run[:8]}" and used.dataset.source.endswith("/dataset.h5")
+    assert {t.key: t.value for t in used.tags}["producer_run"] == merge_run
+    series = sorted(a for a in artifacts(vae_run, "images") if a.endswith(".png"))
+    assert [a.split("+step+")[1].split("+")[0] for a in series] == ["0", "1"], "one image per epoch, by step"
+    assert all(a.startswith("images/reconstructions+step+") for a in series)
     assert "model/data/model.pt2" in {a.path for a in MlflowClient().list_artifacts(vae_run, "model/data")}, (
         "logged as a torch.export program, not a pickle"
     )

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from worldmodel.config import CONFIG_DIR, RESUMABLE, refuse_added_keys
 from worldmodel.errors import WorldModelError
 from worldmodel.files import disk_error
-from worldmodel.stages import run_stage
+from worldmodel.stages import headline, run_stage
 
 log = logging.getLogger("worldmodel")
 
@@ -39,13 +39,14 @@ def _redeliver(unraisable: sys.UnraisableHookArgs) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def app(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> float | None:
+    """Runs the stage; returns its headline metric (`stages.HEADLINE`), for sweepers that optimise."""
     signal.signal(signal.SIGTERM, _terminate)
     sys.unraisablehook = _redeliver
     try:
         hydra_cfg = HydraConfig.get()
         refuse_added_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())
-        run_stage(cfg)
+        return headline(str(cfg.stage.name), str(run_stage(cfg)))
     except WorldModelError as err:
         # Expected user-facing problems: one line, no traceback, non-zero exit.
         log.error("%s: %s", cfg.stage.name, err)

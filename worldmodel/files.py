@@ -11,13 +11,8 @@ import contextlib
 import errno
 import os
 import resource
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from worldmodel.errors import WorldModelError
 
@@ -110,25 +105,6 @@ def check_room(directory: Path, needed: int, what: str) -> None:
             f"{directory} has {free / 2**20:.0f} MB free, {what} needs about {needed / 2**20:.0f} MB; "
             "free space or set paths.outputs to a larger disk"
         )
-
-
-class OutputsCheck(Callback):
-    """A Hydra callback: `paths.outputs` must be writable before Hydra creates its run directory there
-    (Hydra's own mkdir would fail with a traceback)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config)
-
-    @staticmethod
-    def _check(config: DictConfig) -> None:
-        try:
-            check_room(Path(config.paths.outputs), 0, f"stage={config.stage.name}")
-        except WorldModelError as err:
-            print(f"{config.stage.name}: {err}", file=sys.stderr)  # logging is not set up yet
-            sys.exit(2)
 
 
 class Reserve:

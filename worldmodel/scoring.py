@@ -17,7 +17,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from worldmodel import tracking
 from worldmodel.agent import Agent, Rollout, load_rnn, load_vae, play, worker_inference
@@ -25,6 +24,7 @@ from worldmodel.envs import make_env
 from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
 from worldmodel.parallel import Pool, make_pool
+from worldmodel.progress import progress_bar
 from worldmodel.seeds import EVAL, seed_of
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class RealScorer:
             for i in range(0, len(seeds), k)
         ]
         batches: list[list[Rollout]] = [[] for _ in payloads]
-        with tqdm(total=len(seeds), desc=progress, unit="ep", disable=progress is None) as bar:
+        with progress_bar(total=len(seeds), desc=progress, unit="ep", disable=progress is None) as bar:
             for i, batch in self.pool.imap_unordered(payloads):
                 batches[i] = batch
                 bar.update(len(batch))

@@ -15,18 +15,20 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import logging
 import os
 import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -66,8 +68,7 @@ def setup(cfg: DictConfig) -> str:
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         # Jobs of a parallel sweep would otherwise race to create the tables of a new store.
-        with open(db.with_name(db.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(db.with_name(db.name + ".lock")):
             _probe(uri)
             return _select_experiment(cfg, uri)
     _probe(uri)
@@ -108,6 +109,10 @@ def _probe(uri: str) -> None:
     _answered.add(uri)
 
 
+# MLflow 3's UI asks for an experiment's type until it has one: this is classic model training.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _select_experiment(cfg: DictConfig, uri: str) -> str:
     name = str(cfg.mlflow.experiment)
     experiment = mlflow.get_experiment_by_name(name)
@@ -117,10 +122,13 @@ def _select_experiment(cfg: DictConfig, uri: str) -> str:
         if uri.startswith("sqlite:") or uri.startswith("file:"):
             location = (Path(cfg.paths.outputs).resolve() / "artifacts").as_uri()
         try:
-            mlflow.create_experiment(name, artifact_location=location)
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:  # created meanwhile by a parallel job of a sweep
             pass
         experiment = mlflow.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:  # one made before worldmodel set it
+            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
 
@@ -138,6 +146,23 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# Overrides that say where, not what: left out of run names.
+_PLUMBING = ("paths.", "inputs.", "mlflow.", "hydra.", "stage=", "policy.run_id", "policy.paths")
+
+
+def run_name(stage: str, overrides: Sequence[str] | None = None) -> str:
+    """The stage and the command-line overrides (Hydra's, by default) that make this run differ
+    (`train_vae latent=z16 train_vae.lr=0.0003`), so the runs of a sweep tell themselves apart."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if overrides is None:
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    said = [o.lstrip("+~") for o in overrides]
+    said = [o for o in said if not o.startswith(_PLUMBING)]
+    name = " ".join([stage, *said])
+    return name if len(name) <= 120 else name[:119] + "…"
 
 
 def _hydra_output_dir() -> Path | None:
@@ -203,12 +228,16 @@ def stage_run(
     reserve = (
         files.Reserve(Path(uri.removeprefix("sqlite:///")).parent) if uri.startswith("sqlite:///") else None
     )
-    active = mlflow.start_run(run_id=resume, nested=nested, run_name=None if resume else stage)
+    active = mlflow.start_run(
+        run_id=resume,
+        nested=nested,
+        run_name=None if resume else run_name(stage),
+        log_system_metrics=bool(cfg.mlflow.system_metrics),
+    )
     with run_status(reserve), _heartbeat(active.info.run_id):
         all_tags = {
             "stage": stage,
             "env": str(cfg.env.id),
-            "git_commit": git_commit(),
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "backend": str(cfg.backend.name),
@@ -216,6 +245,10 @@ def stage_run(
         }
         if cfg.mlflow.pipeline:
             all_tags["pipeline"] = str(cfg.mlflow.pipeline)
+        if not nested and not resume and os.environ.get("WORLDMODEL_SWEEP_RUN"):  # a job of a sweep
+            all_tags["mlflow.parentRunId"] = os.environ["WORLDMODEL_SWEEP_RUN"]
+        if (commit := git_commit()) != "unknown":  # MLflow's own tag; it sets it only for a script's repo
+            all_tags["mlflow.source.git.commit"] = commit
         for key, run_id in (upstream or {}).items():
             all_tags[f"upstream.{key}"] = run_id
         mlflow.set_tags(all_tags)
@@ -286,6 +319,7 @@ WRITES = {
     "evaluate": REPORT,
     "dream": ("gifs/*.gif", "fidelity/*.png", "fidelity/*.csv"),
     "pipeline": (),
+    "sweep": (),
 }
 
 
@@ -390,6 +424,25 @@ def artifact_path(run_id: str, path: str) -> Path:
             f"run {run_id} has no artifact '{path}' ({err.__class__.__name__}); "
             "was it produced by this version of worldmodel?"
         ) from err
+
+
+def log_dataset(producer: str, name: str, context: str) -> None:
+    """Record artifact `name` of run `producer` as an input of the active run (`mlflow.log_input`), so
+    the run page lists it under Datasets, with its source, a digest and the producing run."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = f"{mlflow.get_run(producer).info.artifact_uri.rstrip('/')}/{name}"
+    try:
+        with warnings.catch_warnings():  # a local path reads as two kinds of local source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+    except MlflowException:  # mlflow-artifacts:/ (a team server) has no resolver of its own
+        source = HTTPDatasetSource(uri)
+    digest = hashlib.sha256(f"{producer}/{name}".encode()).hexdigest()[:16]  # written once per run
+    dataset = MetaDataset(source, name=f"{name.rpartition('/')[2]}@{producer[:8]}", digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"producer_run": producer, "artifact": name})
 
 
 def list_artifacts(run_id: str, path: str) -> list[str]:

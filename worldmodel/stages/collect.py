@@ -21,7 +21,6 @@ import mlflow
 import numpy as np
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm import tqdm
 
 from worldmodel import files, policies, tracking
 from worldmodel.config import check, is_int, positive_int, positive_number
@@ -30,6 +29,7 @@ from worldmodel.errors import WorldModelError
 from worldmodel.files import partial_of
 from worldmodel.images import mosaic
 from worldmodel.parallel import make_pool
+from worldmodel.progress import progress_bar
 from worldmodel.rollout import episode_task, init_worker, run_episode
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,13 @@ def run(cfg: DictConfig) -> str:
         returns, samples = [], []
         start, logged = time.perf_counter(), time.monotonic()
         try:
-            with tqdm(total=len(todo), desc="collect", unit="ep") as bar:
+            with progress_bar(total=len(todo), desc="collect", unit="ep") as bar:
                 for ep in _episodes(cfg, todo, workers):
                     shards.add(ep)
                     returns.append(ep.episode_return)
                     samples.extend(_sample_frames(ep, cfg.collect.mosaic_frames, episodes))
                     bar.update(1)
-                    bar.set_postfix(ret=f"{np.mean(returns):.1f}")
+                    bar.set_postfix(ret=f"{np.mean(returns):.1f}", refresh=False)
                     if time.monotonic() - logged > 5 or len(returns) == len(todo):  # not a write per episode
                         mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
                         logged = time.monotonic()

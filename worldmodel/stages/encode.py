@@ -14,7 +14,6 @@ import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.agent import load_vae
@@ -23,6 +22,7 @@ from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
 from worldmodel.files import partial_of
 from worldmodel.models.vae import to_input
+from worldmodel.progress import progress_bar
 from worldmodel.stages.merge import dataset_of
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> str:
 
     upstream = {"train_vae": vae_run.info.run_id, "merge": merge_run.info.run_id}
     with tracking.stage_run(cfg, "encode", ["encode", "latent"], upstream, compat) as run:
+        tracking.log_dataset(merge_run.info.run_id, "dataset.h5", "encode")
         out_dir, in_place = tracking.local_artifact_dir("")
         final = out_dir / LATENTS
         partial = partial_of(final)
@@ -76,7 +77,7 @@ def run(cfg: DictConfig) -> str:
                         out[name][:] = src[name][:]
                     else:
                         out.create_dataset(name, data=src[name][:])
-                for e in tqdm(range(info.episodes), desc="encode", unit="ep"):
+                for e in progress_bar(range(info.episodes), desc="encode", unit="ep"):
                     images = src["images"][e]
                     mu, logvar = np.empty((2, info.steps, vae.latent), np.float32)
                     for i in range(0, info.steps, batch):

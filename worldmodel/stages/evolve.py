@@ -36,7 +36,6 @@ import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from worldmodel import cma_history, tracking, training
 from worldmodel.agent import controller_for, load_rnn, standardisation
@@ -46,6 +45,7 @@ from worldmodel.config import check, is_int, one_of, positive_int, positive_numb
 from worldmodel.dreaming import DreamSettings, dream_fitness
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
+from worldmodel.progress import progress_bar
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate, real_scorer
 from worldmodel.seeds import CHECK, NORM, TRAIN, seed_of
 
@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> str:
         dream = DreamSettings.of(cfg)
         scorer = _real_scorer(cfg, files, controller)
         try:
-            for gen in tqdm(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
+            for gen in progress_bar(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
                 asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
                 solutions = np.asarray(asked, dtype=np.float32)
                 seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]

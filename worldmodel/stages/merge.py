@@ -16,13 +16,13 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 from omegaconf import DictConfig, ListConfig
-from tqdm import tqdm
 
 from worldmodel import files, tracking
 from worldmodel.config import check, is_int, positive_int
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
+from worldmodel.progress import progress_bar
 
 log = logging.getLogger(__name__)
 DATASET = "dataset.h5"
@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> str:
             raise WorldModelError(f"collect run {rid} has no shards; re-run it or pick another run")
         run_infos = [rollouts.inspect(tracking.artifact_path(rid, name)) for name in names]
         _check_declared(source, run_infos)  # cheap, before the read-back of every chunk
-        for info in tqdm(run_infos, desc=f"verify {rid[:8]}", unit="shard"):
+        for info in progress_bar(run_infos, desc=f"verify {rid[:8]}", unit="shard"):
             rollouts.verify(info.path, f"repair the shard with `stage=collect inputs.resume={rid}`")
         infos += run_infos
         owners += [rid] * len(run_infos)
@@ -103,13 +103,15 @@ def run(cfg: DictConfig) -> str:
     upstream = {"collect": ",".join(ids)}
     tags = {"image_size": str(cfg.env.image_size)}
     with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
+        for rid in ids:
+            tracking.log_dataset(rid, "shards", "merge")
         out_dir, in_place = tracking.local_artifact_dir("")
         # The dataset is about the size of its shards (the same compression): room for it before a byte
         # is written (HDF5 can crash outright when the disk fills under it).
         files.check_room(out_dir, sum(os.path.getsize(i.path) for i in infos) + 2**20, "merge")
         total = sum(i.episodes for i in infos)
         start = time.perf_counter()
-        with tqdm(total=total, desc="merge", unit="ep") as bar:
+        with progress_bar(total=total, desc="merge", unit="ep") as bar:
             metrics = merge_files(
                 infos,
                 owners,

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
@@ -33,6 +32,7 @@ from worldmodel.data.buffer import EpisodeBuffer
 from worldmodel.data.datasets import episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
+from worldmodel.progress import progress_bar
 
 log = logging.getLogger(__name__)
 STAGE = "train_rnn"
@@ -227,6 +227,7 @@ def run(cfg: DictConfig) -> str:
         resume=cfg.inputs.resume,
         may_change=["train_rnn.epochs"],
     ) as run:
+        tracking.log_dataset(encode.info.run_id, "latents.h5", "training")
         torch.manual_seed(cfg.seed)
         model = MDNRNN(
             int(cfg.latent.size),
@@ -248,7 +249,7 @@ def run(cfg: DictConfig) -> str:
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             sums, n, t0 = np.zeros(4), 0, time.perf_counter()
             batches = training_batches(buffer, path, train, info.lengths, hp, rng)
-            with tqdm(
+            with progress_bar(
                 total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
             ) as bar:
                 for i, w in enumerate(batches):

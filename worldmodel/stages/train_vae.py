@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from worldmodel import tracking, training
 from worldmodel.checkpoints import load_module
@@ -26,6 +25,7 @@ from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
 from worldmodel.models.vae import SIZES, VAE, to_input, vae_loss
+from worldmodel.progress import progress_bar
 from worldmodel.stages.merge import dataset_of
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> str:
         resume=cfg.inputs.resume,
         may_change=["train_vae.num_workers", "train_vae.epochs"],
     ) as run:
+        tracking.log_dataset(merge.info.run_id, "dataset.h5", "training")
         torch.manual_seed(cfg.seed)
         layout = torch.channels_last if hp.channels_last else torch.contiguous_format
         model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
@@ -102,7 +103,9 @@ def run(cfg: DictConfig) -> str:
             train.set_epoch(epoch)
             model.train()
             sums, frames, t0 = np.zeros(3), 0, time.perf_counter()
-            batches = tqdm(loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False)
+            batches = progress_bar(
+                loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False
+            )
             with training.reading(dataset, damaged):
                 for i, batch in enumerate(batches):
                     x = to_input(batch.to(device, non_blocking=True))  # uint8 travels, floats on the device
@@ -129,9 +132,9 @@ def run(cfg: DictConfig) -> str:
             }
             training.require_finite(val[0], f"the validation loss of epoch {epoch}", STAGE)
             training.log_epoch(metrics, epoch)
-            mlflow.log_image(
-                reconstruction_grid(model, grid, device), f"reconstructions/epoch_{epoch:03d}.png"
-            )
+            # An image series: the run page shows it with a step slider over the epochs.
+            grid_image = reconstruction_grid(model, grid, device)
+            mlflow.log_image(grid_image, key="reconstructions", step=epoch, synchronous=True)
             best = training.checkpoint_epoch(ckpt_dir, in_place, model, optimizer, epoch, float(val[0]), best)
             log.info(
                 "train_vae epoch %d: train %.1f, val %.1f (recon %.1f, kl %.1f), %.0f frames/s",
