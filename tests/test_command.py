@@ -163,3 +163,14 @@ def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path
         f"collect collect.episodes={n} collect.workers=1 collect.max_steps=10 experiment=smoke"
         for n in (1, 2)
     }
+
+
+def test_help_lists_the_stages_with_what_they_read_and_write():
+    out = subprocess.run(
+        [sys.executable, "-m", "worldmodel", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for stage in [*STAGES, "pipeline"]:
+        assert f"\n  {stage} " in out.stdout, stage
+    assert "train_rnn  an encode run" in out.stdout and "Tab completion" in out.stdout
+    assert "train_vae:\n  epochs" not in out.stdout, "no config dump"

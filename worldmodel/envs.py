@@ -119,23 +119,15 @@ def close_all() -> None:
         env.close()
 
 
-class PixelEnv:
-    """A gymnasium env whose `reset` and `step` return preprocessed frames and take stored actions."""
+class PixelObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """The env's frames as worldmodel sees them, as a gymnasium wrapper (so RecordVideo, frame stacking
+    or a vector env wrap it like any env): cropped and resized to `image_size`, widened and rescaled
+    where the env config says; from the observation, or from `render()` (`frames: render`)."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, env: gym.Env, cfg: DictConfig) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, cfg=cfg)
+        gym.ObservationWrapper.__init__(self, env)
         self.from_render = cfg.frames == "render"
-        if cfg.get("fast_render", False):
-            from worldmodel.fast_carracing import register_fast_env
-
-            self.env = gym.make(register_fast_env())
-        else:
-            register(cfg)
-            if self.from_render:  # pygame draws off-screen; without this SDL looks for a display
-                os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-            self.env = gym.make(str(cfg.id), render_mode="rgb_array" if self.from_render else None)
-        self.space = action_space(cfg)
-        _check_space(self.space, self.env.action_space, str(cfg.id))
         self.obs_key = cfg.get("obs_key")  # a dict observation's frame (VizDoom: screen)
         self.crop, self.size, self.resample = dict(cfg.crop), int(cfg.image_size), str(cfg.resample)
         # `pixel_range: [lo, hi]` maps 0..255 linearly onto lo..hi: a frame of pure white and black would
@@ -146,34 +138,58 @@ class PixelEnv:
         self.widen_by = tuple(cfg.get("widen") or (1, 1))
         lo, hi = cfg.get("pixel_range") or (0, 255)
         self.levels = None if (lo, hi) == (0, 255) else np.round(np.linspace(lo, hi, 256)).astype(np.uint8)
+        self.observation_space = gym.spaces.Box(0, 255, (self.size, self.size, 3), np.uint8)
+
+    def observation(self, observation: np.ndarray | dict) -> np.ndarray:
+        if self.obs_key:
+            observation = observation[self.obs_key]
+        frame = preprocess(
+            self.env.render() if self.from_render else observation, self.crop, self.size, self.resample
+        )
+        frame = widen(frame, *self.widen_by)
+        return frame if self.levels is None else self.levels[frame]
+
+
+def gym_env(cfg: DictConfig) -> PixelObservation:
+    """The env of an env config as a gymnasium env of worldmodel's frames."""
+    if cfg.get("fast_render", False):
+        from worldmodel.fast_carracing import register_fast_env
+
+        return PixelObservation(gym.make(register_fast_env()), cfg)
+    register(cfg)
+    render = cfg.frames == "render"
+    if render:  # pygame draws off-screen; without this SDL looks for a display
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    return PixelObservation(gym.make(str(cfg.id), render_mode="rgb_array" if render else None), cfg)
+
+
+class PixelEnv:
+    """The pixel env the stages use: `reset` and `step` return frames and take stored actions."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.env = gym_env(cfg)
+        self.space = action_space(cfg)
+        _check_space(self.space, self.env.action_space, str(cfg.id))
         _OPEN.add(self)
 
     @property
     def unwrapped(self) -> gym.Env:
         return self.env.unwrapped
 
-    def _frame(self, obs: np.ndarray | dict) -> np.ndarray:
-        if self.obs_key:
-            obs = obs[self.obs_key]
-        frame = preprocess(
-            self.env.render() if self.from_render else obs, self.crop, self.size, self.resample
-        )
-        frame = widen(frame, *self.widen_by)
-        return frame if self.levels is None else self.levels[frame]
-
     def reset(self, seed: int | None = None, state: np.ndarray | None = None) -> np.ndarray:
         """A new episode (from `state` when given, for envs whose state can be set, e.g. CartPole)."""
-        obs, _ = self.env.reset(seed=seed)
+        frame, _ = self.env.reset(seed=seed)
         if state is not None:
             self.env.unwrapped.state = np.asarray(state, dtype=np.float64)
-            obs = np.asarray(state, dtype=np.float32)
-        return self._frame(obs)
+            frame = self.env.observation(np.asarray(state, dtype=np.float32))
+        return frame
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
         """A stored action (a box action, or a one-hot vector) → frame, reward, terminated, truncated."""
         env_action = int(np.argmax(action)) if self.space.kind == "discrete" else action
-        obs, reward, terminated, truncated, _ = self.env.step(env_action)
-        return self._frame(obs), float(reward), bool(terminated), bool(truncated)
+        frame, reward, terminated, truncated, _ = self.env.step(env_action)
+        return frame, float(reward), bool(terminated), bool(truncated)
 
     def close(self) -> None:
         if self in _OPEN:

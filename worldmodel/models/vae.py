@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +97,11 @@ def vae_loss(
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
     floored = torch.clamp(kl, min=kl_tolerance * mu.shape[1])
     return VAELoss((rec + floored).mean(), rec.mean(), kl.mean())
+
+
+def to_frames(decoded: torch.Tensor) -> np.ndarray:
+    """The decoder's output (B, 3, H, W) in [0, 1] → uint8 frames (B, H, W, 3)."""
+    return (decoded.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_input(frames: torch.Tensor) -> torch.Tensor:

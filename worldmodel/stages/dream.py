@@ -35,7 +35,7 @@ from worldmodel.envs import action_space
 from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import sample
-from worldmodel.models.vae import VAE
+from worldmodel.models.vae import VAE, to_frames
 from worldmodel.policies import make_policy
 from worldmodel.scoring import real_scorer
 from worldmodel.seeds import DREAM, FIDELITY, seed_of
@@ -58,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
 @torch.inference_mode()
 def decode(vae: VAE, z: torch.Tensor) -> np.ndarray:
     """Latents (T, Z) → uint8 frames (T, H, W, 3)."""
-    return (vae.decode(z).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_frames(vae.decode(z))
 
 
 def run(cfg: DictConfig) -> str:
