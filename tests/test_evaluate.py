@@ -227,3 +227,15 @@ def test_the_reward_mask_keeps_the_ending_out_of_the_reward_loss():
     masked = mdn_loss(*args, reward_mask=kept).reward
     torch.testing.assert_close(masked, (out.reward[:, :3] ** 2).mean())
     assert mdn_loss(*args).reward > 1000 * masked, "the −100 ending dominates an unmasked loss"
+
+
+def test_play_writes_a_gif_of_real_reconstruction_and_what_m_expects(smoke, evolve_run):
+    from worldmodel.stages import headline
+
+    run_id = run_stage(smoke("stage=play", f"inputs.evolve={evolve_run}", "play.max_steps=12"))
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["upstream.evolve"] == evolve_run and run.info.status == "FINISHED"
+    assert run.data.metrics["steps"] == 12 and headline("play", run_id) == run.data.metrics["score"]
+    with Image.open(tracking.artifact_path(run_id, "play.gif")) as gif:
+        assert gif.n_frames == 12
+        assert gif.size == (3 * 64 * 3, 64 * 3), "three 64-pixel panels side by side, 3× enlarged"

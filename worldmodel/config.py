@@ -18,6 +18,7 @@ from worldmodel.parallel import backend_settings
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream")
+TOOLS = ("play",)  # stages outside the pipeline: they read runs and make nothing the pipeline reads
 # Stages that can continue a run (inputs.resume); the others are quick to run again.
 RESUMABLE = ("collect", "train_vae", "train_rnn", "evolve")
 
@@ -131,7 +132,8 @@ def validate_common(cfg: DictConfig) -> None:
             lambda v, s=stage: v is None or (isinstance(v, str) and v.strip()) or _run_ids(v, s),
             "null or a run id" + (" or a non-empty list of run ids" if stage in LISTS else ""),
         )
-    check(cfg, "stage.name", lambda v: v in (*STAGES, "pipeline"), f"one of {[*STAGES, 'pipeline']}")
+    names = [*STAGES, *TOOLS, "pipeline"]
+    check(cfg, "stage.name", lambda v: v in names, f"one of {names}")
     if cfg.stage.name != "pipeline":  # the pipeline hands inputs.resume to its first stage
         resumable(cfg, cfg.stage.name)
 

@@ -318,6 +318,7 @@ WRITES = {
     "evolve": ("controller.pt", "cma/history.npz", *REPORT),
     "evaluate": REPORT,
     "dream": ("gifs/*.gif", "fidelity/*.png", "fidelity/*.csv"),
+    "play": ("play.gif",),
     "pipeline": (),
     "sweep": (),
 }

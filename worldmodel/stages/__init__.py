@@ -19,6 +19,7 @@ HEADLINE = {
     "evolve": ("eval/score_mean", "best_fitness"),
     "evaluate": ("eval/score_mean",),
     "dream": ("fidelity/spearman", "replay/latent_mse_mean"),
+    "play": ("score",),
     "pipeline": ("eval/score_mean", "evolve/best_fitness", "rnn/val_nll", "vae/val_loss"),
 }
 
