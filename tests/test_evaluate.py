@@ -239,3 +239,19 @@ def test_play_writes_a_gif_of_real_reconstruction_and_what_m_expects(smoke, evol
     with Image.open(tracking.artifact_path(run_id, "play.gif")) as gif:
         assert gif.n_frames == 12
         assert gif.size == (3 * 64 * 3, 64 * 3), "three 64-pixel panels side by side, 3× enlarged"
+
+
+def test_play_shows_its_frames_in_a_window_when_there_is_a_display(smoke, monkeypatch):
+    from worldmodel.stages.play import _window
+
+    assert _window(smoke("play.window=false")) is None
+    monkeypatch.delenv("DISPLAY", raising=False)
+    assert _window(smoke()) is None, "no display, no window"
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # a display pygame can open here
+    show = _window(smoke())
+    show(np.zeros((64, 192, 3), np.uint8))
+    import pygame
+
+    assert pygame.display.get_surface().get_size() == (192 * 4, 64 * 4)
+    pygame.quit()
