@@ -1,5 +1,7 @@
 """train_vae → encode → train_rnn on experiment=smoke: tracking, lineage, checkpoints, bad inputs."""
 
+import json
+
 import h5py
 import mlflow
 import numpy as np
@@ -35,7 +37,8 @@ def test_train_vae_run(smoke, vae_run, merge_run):
     kind = mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development", "the 3.x UI asks no type"
     (used,) = run.inputs.dataset_inputs  # the run page lists it under Datasets
-    assert used.dataset.name == f"dataset.h5@{merge_run[:8]}" and used.dataset.source.endswith("/dataset.h5")
+    assert used.dataset.name == f"dataset.h5@{merge_run[:8]}"
+    assert json.loads(used.dataset.source)["uri"].endswith(f"{merge_run}/artifacts/dataset.h5")
     assert {t.key: t.value for t in used.tags}["producer_run"] == merge_run
     series = sorted(a for a in artifacts(vae_run, "images") if a.endswith(".png"))
     assert [a.split("+step+")[1].split("+")[0] for a in series] == ["0", "1"], "one image per epoch, by step"
