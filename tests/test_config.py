@@ -36,7 +36,18 @@ def test_every_group_option_composes(group):
 
 def test_stage_groups_are_complete():
     assert options("stage") == sorted(
-        ["collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream", "pipeline"]
+        [
+            "collect",
+            "merge",
+            "train_vae",
+            "encode",
+            "train_rnn",
+            "evolve",
+            "evaluate",
+            "dream",
+            "pipeline",
+            "play",
+        ]
     )
     assert {"smoke", "laptop", "workstation", "iterative", "paper"} <= set(options("experiment"))
 

@@ -45,7 +45,7 @@ def test_frames_are_the_whole_screen_at_64_and_actions_are_one_hot():
     try:
         assert env.space.kind == "discrete" and env.space.dim == 3
         frame = env.reset(seed=3)
-        raw, _ = env.env.reset(seed=3)
+        raw, _ = env.env.env.reset(seed=3)  # the env under worldmodel's frames wrapper
         expected = np.array(Image.fromarray(raw["screen"]).resize((64, 64), Image.Resampling.LANCZOS))
         assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
         assert np.array_equal(frame, expected), "the 240×320 screen, resized whole"

@@ -255,3 +255,39 @@ def test_play_shows_its_frames_in_a_window_when_there_is_a_display(smoke, monkey
 
     assert pygame.display.get_surface().get_size() == (192 * 4, 64 * 4)
     pygame.quit()
+
+
+@pytest.mark.slow
+def test_evaluate_registers_the_agent_and_moves_champion_only_when_beaten(smoke, evolve_run):
+    import subprocess
+    import sys
+
+    client, name = MlflowClient(), "agent-carracing"
+    args = ("stage=evaluate", f"inputs.evolve={evolve_run}", "evaluate.gif_steps=0", "evaluate.register=true")
+
+    def version_of(run_id: str):
+        (version,) = client.search_model_versions(f"run_id='{run_id}'")
+        return version
+
+    mine = version_of(run_stage(smoke(*args)))
+    champion = client.get_model_version_by_alias(name, "champion")  # this one, or one that scored more
+    assert champion.tags["evaluation"] == mine.tags["evaluation"] == "seed=0 episodes=3 max_steps=30"
+    assert float(champion.tags["score"]) >= float(mine.tags["score"])
+    client.set_model_version_tag(name, champion.version, "score", "-1e9")  # as if it scored less
+    beaten_by = version_of(run_stage(smoke(*args)))
+    assert client.get_model_version_by_alias(name, "champion").version == beaten_by.version
+    version_of(run_stage(smoke(*args)))  # the same score: not better
+    version_of(run_stage(smoke(*args, "evaluate.episodes=2")))  # another evaluation: not comparable
+    assert client.get_model_version_by_alias(name, "champion").version == beaten_by.version
+
+    load = (
+        "import mlflow, torch; "
+        f"mlflow.set_tracking_uri({mlflow.get_tracking_uri()!r}); "
+        f"agent = mlflow.pytorch.load_model('models:/{name}@champion'); "
+        "h = torch.zeros(1, 32); "
+        "action, h, c = agent(torch.zeros(1, 64, 64, 3, dtype=torch.uint8), h, h); "
+        "print(tuple(action.shape), tuple(h.shape))"
+    )
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "(1, 3) (1, 32)", "a fresh process loads V, M and C in one call"

@@ -152,6 +152,22 @@ class Agent:
         return (self.vae.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
 
 
+class AgentStep(torch.nn.Module):
+    """V, M and C as one step with plain tensors in and out, as torch.export needs: uint8 frames
+    (B, H, W, 3), M's h and c (B, H) → the action (B, A) and the new h and c. V reads the mean latent.
+    Start an episode with zeros for h and c."""
+
+    def __init__(self, vae: VAE, rnn: MDNRNN, controller: Controller) -> None:
+        super().__init__()
+        self.vae, self.rnn, self.controller = vae, rnn, controller
+
+    def forward(self, frames: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple:
+        z, _ = self.vae.encode(to_input(frames))
+        action = self.controller(z, h, c)
+        h, c = self.rnn.advance(z, action, (h.unsqueeze(0), c.unsqueeze(0)))
+        return action, h[0], c[0]
+
+
 def standardisation(tally: np.ndarray, floor: float = 1e-2) -> tuple[list[float], list[float]]:
     """Mean and std (at least `floor`) of controller inputs from a summed tally [count, Σx, Σx²]."""
     n, total, squares = tally[0], tally[1 : (len(tally) + 1) // 2], tally[(len(tally) + 1) // 2 :]

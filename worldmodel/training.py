@@ -186,25 +186,31 @@ class MDNRNNStep(nn.Module):
         return m.log_pi, m.mu, m.log_sigma, out.reward, out.done_logit, h[0], c[0]
 
 
-def log_model(model: nn.Module, examples: tuple[torch.Tensor, ...], name: str = "model") -> None:
+def log_model(
+    model: nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    name: str = "model",
+    registered_model_name: str | None = None,
+) -> Any:
     """Log as a torch.export program (MLflow's "pt2" format: a traced graph and raw tensors, nothing
     that runs code on load), so `mlflow.pytorch.load_model("runs:/<id>/model")` returns a callable
-    module. The batch dimension of every input is dynamic."""
+    module. The batch dimension of every input is dynamic. Returns MLflow's ModelInfo."""
     import mlflow.pytorch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     specs = [
-        TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name=f"input_{i}")
+        TensorSpec(np.dtype(x.numpy().dtype), (-1, *x.shape[1:]), name=f"input_{i}")
         for i, x in enumerate(examples)
     ]
-    mlflow.pytorch.log_model(
+    return mlflow.pytorch.log_model(
         model.to("cpu").eval(),
         name=name,
         serialization_format="pt2",
         input_example=examples,
         signature=ModelSignature(Schema(specs)),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        registered_model_name=registered_model_name,
     )
 
 

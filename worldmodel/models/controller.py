@@ -21,6 +21,8 @@ candidates are evaluated together in the dream.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,7 +113,7 @@ class Controller(nn.Module):
     def _unpack(self, params: torch.Tensor) -> list[torch.Tensor]:
         out, i = [], 0
         for shape in self.shapes:
-            n = int(torch.tensor(shape).prod())
+            n = math.prod(shape)  # plain ints: torch.export traces this module (the registered agent)
             out.append(params[:, i : i + n].reshape(params.shape[0], *shape))
             i += n
         return out
