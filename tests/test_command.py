@@ -174,3 +174,40 @@ def test_help_lists_the_stages_with_what_they_read_and_write():
         assert f"\n  {stage} " in out.stdout, stage
     assert "train_rnn  an encode run" in out.stdout and "Tab completion" in out.stdout
     assert "train_vae:\n  epochs" not in out.stdout, "no config dump"
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_tunes_m_and_its_best_trial_is_in_mlflow(tmp_path):
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="needs the optuna extra: make setup-optuna"
+    )
+
+    def app(*args: str) -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "worldmodel", *args, "experiment=smoke", f"paths.outputs={tmp_path}"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    app("stage=pipeline", "pipeline.stages=[collect,encode]")
+    app(
+        "-m",
+        "stage=train_rnn",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=minimize",
+        "hydra.sweeper.sampler.seed=0",
+        "train_rnn.hidden=choice(16,32)",
+        "train_rnn.dropout=interval(0.0,0.2)",
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (sweep,) = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert len(trials) == 3 and all(r.data.tags["stage"] == "train_rnn" for r in trials)
+    best = min(trials, key=lambda r: r.data.metrics["best_val_nll"])
+    assert sweep.data.metrics["best/value"] == best.data.metrics["best_val_nll"], "the app returned it"
+    assert sweep.data.params["best.train_rnn.hidden"] == best.data.params["train_rnn.hidden"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.errors import WorldModelError
 from worldmodel.files import check_room
@@ -60,5 +60,12 @@ class SweepRun(Callback):
         from mlflow.tracking import MlflowClient
 
         if getattr(self, "run_id", None):
-            MlflowClient().set_terminated(self.run_id, "FINISHED")
+            client = MlflowClient()
+            best = Path(config.hydra.sweep.dir) / "optimization_results.yaml"  # an optimising sweeper's
+            if best.is_file():
+                result = OmegaConf.load(best)
+                client.log_metric(self.run_id, "best/value", float(result.best_value))
+                for key, value in result.best_params.items():
+                    client.log_param(self.run_id, f"best.{key}", value)
+            client.set_terminated(self.run_id, "FINISHED")
             os.environ.pop(SWEEP_RUN, None)
