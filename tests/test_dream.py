@@ -162,3 +162,13 @@ def test_agent_z_must_match_the_runs_it_reads(smoke, rnn_run, evolve_run):
         run_stage(smoke("stage=evaluate", "agent.z=mean", f"inputs.evolve={evolve_run}"))
     with pytest.raises(WorldModelError, match="config key 'agent.z'"):
         run_stage(smoke("stage=evolve", "agent.z=mode"))
+
+
+@pytest.mark.gpu
+def test_dream_mode_evolve_dreams_on_the_gpu_as_on_the_cpu(smoke, rnn_run):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    args = ("stage=evolve", f"inputs.train_rnn={rnn_run}", "evolve.eval_episodes=0")
+    runs = [mlflow.get_run(run_stage(smoke(*args, f"device={d}"))) for d in ("cpu", "cuda")]
+    cpu, gpu = (r.data.metrics["fitness/mean"] for r in runs)
+    assert abs(cpu - gpu) < 1e-2 * max(1.0, abs(cpu)), "the same dreams, to float rounding"

@@ -15,8 +15,13 @@ from worldmodel.envs import register
 from worldmodel.errors import WorldModelError
 from worldmodel.parallel import backend_settings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+# In a clone (or an editable install) the configs are the repo's conf/, and runs write under the repo;
+# an installed wheel carries them inside the package (worldmodel/conf), and runs write under the
+# working directory.
+IN_REPO = (_PACKAGE.parent / "conf" / "config.yaml").is_file()
+PROJECT_ROOT = _PACKAGE.parent if IN_REPO else Path.cwd()
+CONFIG_DIR = PROJECT_ROOT / "conf" if IN_REPO else _PACKAGE / "conf"
 STAGES = ("collect", "merge", "train_vae", "encode", "train_rnn", "evolve", "evaluate", "dream")
 TOOLS = ("play",)  # stages outside the pipeline: they read runs and make nothing the pipeline reads
 # Stages that can continue a run (inputs.resume); the others are quick to run again.

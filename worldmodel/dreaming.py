@@ -49,22 +49,28 @@ class _Noise:
     """Per-rollout noise drawn NOISE_CHUNK steps at a time: uniform and normal (N, Z) per step for z,
     uniform (N,) per step for a sampled done."""
 
-    def __init__(self, seeds: Sequence[int], latent: int) -> None:
+    def __init__(self, seeds: Sequence[int], latent: int, device: torch.device | str = "cpu") -> None:
+        # drawn on the CPU, where each rollout's generator lives, then moved: the same numbers anywhere
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.latent, self.t0, self.u, self.eps, self.u_done = latent, 0, None, None, None
+        self.latent, self.device, self.t0, self.u, self.eps, self.u_done = latent, device, 0, None, None, None
 
     def dropout_masks(self, rnn: MDNRNN, rate: float) -> Masks:
         """One variational mask pair per rollout (on z and on the recurrent h), from its own generator."""
         pairs = [rnn.dropout_masks(1, rate, g) for g in self.gens]
-        return torch.cat([z for z, _ in pairs]), torch.cat([h for _, h in pairs])
+        return torch.cat([z for z, _ in pairs]).to(self.device), torch.cat([h for _, h in pairs]).to(
+            self.device
+        )
 
     def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.u is None or t >= self.t0 + NOISE_CHUNK:
             self.t0 = t
             shape = (NOISE_CHUNK, self.latent)
-            self.u = torch.stack([torch.rand(shape, generator=g) for g in self.gens], dim=1)
-            self.eps = torch.stack([torch.randn(shape, generator=g) for g in self.gens], dim=1)
-            self.u_done = torch.stack([torch.rand(NOISE_CHUNK, generator=g) for g in self.gens], dim=1)
+            self.u = torch.stack([torch.rand(shape, generator=g) for g in self.gens], dim=1).to(self.device)
+            self.eps = torch.stack([torch.randn(shape, generator=g) for g in self.gens], dim=1).to(
+                self.device
+            )
+            u_done = torch.stack([torch.rand(NOISE_CHUNK, generator=g) for g in self.gens], dim=1)
+            self.u_done = u_done.to(self.device)
         i = t - self.t0
         return self.u[i], self.eps[i], self.u_done[i]
 
@@ -94,23 +100,24 @@ def dream_rollouts(
     Bernoulli(P(done)) at every step, P with the done loss's weight taken out. A dream that ends so,
     before `max_steps`, also earns `done_reward`: what the real env pays for that ending (CarRacing: −100
     for leaving the playfield), so that ending early does not pay."""
-    n = z0.shape[0]
-    z, state = z0, rnn.initial_state(n)
-    noise = _Noise(seeds, rnn.latent)
+    n, device = z0.shape[0], z0.device  # M, the controller and z0 on one device (`device`)
+    z, state = z0, rnn.initial_state(n, device)
+    noise = _Noise(seeds, rnn.latent, device)
     masks = noise.dropout_masks(rnn, dropout) if dropout > 0 else None
-    total = torch.zeros(n)
-    alive = torch.ones(n, dtype=torch.bool)
+    total = torch.zeros(n, device=device)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    zero, ending = torch.zeros((), device=device), torch.tensor(float(done_reward), device=device)
     visited = [] if record else None
     for t in range(max_steps):
         if record:
             visited.append(z)
         action = controller.act(params, z, state[0][0], state[1][0])
         out, state = rnn.step(z, action, state, masks)
-        total += torch.where(alive, out.reward, torch.zeros(()))
+        total += torch.where(alive, out.reward, zero)
         u, eps, u_done = noise.at(t)
         p_done = rnn.done_probability(out.done_logit)
         ends = alive & ((u_done < p_done) if sample_done else p_done > done_threshold)
-        total += torch.where(ends, torch.tensor(float(done_reward)), torch.zeros(()))
+        total += torch.where(ends, ending, zero)
         alive &= ~ends
         if not alive.any():
             break
@@ -159,9 +166,10 @@ def dream_returns(
     dreams in one batch (row c·R + r is candidate c on seed r). `starts`: first frames' (mu, logvar),
     or (None, None) for z ~ N(0, I)."""
     p, r = len(solutions), len(seeds)
-    params = torch.from_numpy(np.asarray(solutions, np.float32)).repeat_interleave(r, dim=0)
+    device = next(rnn.parameters()).device  # where M is, the dreams run (`device`)
+    params = torch.from_numpy(np.asarray(solutions, np.float32)).repeat_interleave(r, dim=0).to(device)
     row_seeds = list(seeds) * p
-    z0 = initial_latents(*starts, row_seeds, rnn.latent, settings.z)
+    z0 = initial_latents(*starts, row_seeds, rnn.latent, settings.z).to(device)
     returns, _ = dream_rollouts(
         rnn,
         controller,
@@ -175,7 +183,7 @@ def dream_returns(
         done_reward=settings.done_reward,
         done_threshold=settings.done_threshold,
     )
-    return returns.view(p, r).numpy()
+    return returns.view(p, r).cpu().numpy()
 
 
 def dream_fitness(*args, **kwargs) -> np.ndarray:

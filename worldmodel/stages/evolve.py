@@ -28,6 +28,7 @@ tracks.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -45,6 +46,7 @@ from worldmodel.config import check, is_int, one_of, positive_int, positive_numb
 from worldmodel.dreaming import DreamSettings, dream_fitness
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
+from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.progress import progress_bar
 from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate, real_scorer
 from worldmodel.seeds import CHECK, NORM, TRAIN, seed_of
@@ -127,6 +129,7 @@ def run(cfg: DictConfig) -> str:
         es, best, history = _cma_state(cfg, controller.n_params)
         starts = world.dream_starts(cfg) if hp.mode == "dream" else None
         dream = DreamSettings.of(cfg)
+        dreamer = _on_device(cfg, rnn, controller) if hp.mode == "dream" else None  # (M, C) for the dream
         scorer = _real_scorer(cfg, files, controller)
         try:
             for gen in progress_bar(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
@@ -135,7 +138,7 @@ def run(cfg: DictConfig) -> str:
                 seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
                 t0 = time.perf_counter()
                 if hp.mode == "dream":
-                    fitness = dream_fitness(rnn, controller, solutions, seeds, starts, dream)
+                    fitness = dream_fitness(*dreamer, solutions, seeds, starts, dream)
                     metrics = {}
                 else:
                     fitness, metrics = _real_fitness(scorer, solutions, seeds, hp)
@@ -155,7 +158,7 @@ def run(cfg: DictConfig) -> str:
                     kept = _kept(es, best, hp)
                     metrics |= _real_check(scorer, cfg, gen, kept, solutions[top])
                     metrics["real/check_dream_score"] = dream_fitness(
-                        rnn, controller, kept[None], seeds, starts, dream
+                        *dreamer, kept[None], seeds, starts, dream
                     )[0]
                     metrics["real/check_top_dream_score"] = fitness[top]
                 training.log_epoch(metrics, gen)
@@ -190,6 +193,13 @@ def run(cfg: DictConfig) -> str:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()
         return run.info.run_id
+
+
+def _on_device(cfg: DictConfig, rnn: MDNRNN, controller: Controller) -> tuple[MDNRNN, Controller]:
+    """Copies of M and C on `device` (cuda, mps or cpu), where the dreams of dream-mode evolve run. The
+    controller that is saved stays on the CPU."""
+    device = training.pick_device(cfg)
+    return copy.deepcopy(rnn).to(device), copy.deepcopy(controller).to(device)
 
 
 def _check_fitness(fitness: np.ndarray, gen: int, mode: str) -> None:
