@@ -291,3 +291,10 @@ def test_evaluate_registers_the_agent_and_moves_champion_only_when_beaten(smoke,
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "(1, 3) (1, 32)", "a fresh process loads V, M and C in one call"
+    played = run_stage(smoke("stage=play", "play.agent=champion", "play.max_steps=5"))
+    assert mlflow.get_run(played).data.tags["upstream.evolve"] == evolve_run
+
+
+def test_play_with_an_alias_that_does_not_exist_is_one_line(smoke):
+    with pytest.raises(WorldModelError, match="play.agent=nope: no such alias of agent-carracing"):
+        run_stage(smoke("stage=play", "play.agent=nope"))

@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> str:
     latents.inspect(lat_path, int(cfg.latent.size))
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
+        tracking.log_dataset(world.encode_id, "latents.h5", "dream")
         out_dir, in_place = tracking.local_artifact_dir("gifs")
         if cfg.dream.mode == "replay":
             dataset, _ = dataset_of(encode_run.data.tags["upstream.merge"])

@@ -128,6 +128,8 @@ def run(cfg: DictConfig) -> str:
             controller = _standardised(controller, cfg, files)
         es, best, history = _cma_state(cfg, controller.n_params)
         starts = world.dream_starts(cfg) if hp.mode == "dream" else None
+        if starts is not None and starts[0] is not None:  # dreams start from real first frames
+            tracking.log_dataset(world.encode_id, "latents.h5", "dream starts")
         dream = DreamSettings.of(cfg)
         dreamer = _on_device(cfg, rnn, controller) if hp.mode == "dream" else None  # (M, C) for the dream
         scorer = _real_scorer(cfg, files, controller)

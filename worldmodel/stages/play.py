@@ -1,6 +1,7 @@
 """play: watch an agent play one episode in the real env.
 
-`python -m worldmodel stage=play inputs.evolve=<id>` plays the evolve run's V, M and C on one unseen
+`python -m worldmodel stage=play inputs.evolve=<id>` (or `play.agent=champion`, the registered agent's
+alias) plays the evolve run's V, M and C on one unseen
 track (`play.seed`, from evaluate's seed stream) and writes `play.gif`. Each frame shows three panels:
 the real frame, V's reconstruction of it, and what M expects to come next. That last panel is the
 decoded mean of M's most likely mixture component, given z and the action taken. With a display
@@ -21,6 +22,7 @@ from worldmodel import tracking, training
 from worldmodel.agent import Agent, load_controller, load_rnn, load_vae
 from worldmodel.config import check, is_int
 from worldmodel.envs import action_space, make_env
+from worldmodel.errors import WorldModelError
 from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample_with_noise
 from worldmodel.models.vae import to_frames, to_input
@@ -37,7 +39,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> str:
-    evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
+    evolve_id = _aliased(cfg) if cfg.play.agent else cfg.inputs.evolve
+    evolve_run = tracking.resolve_run(cfg, "evolve", evolve_id, {"latent_size": str(cfg.latent.size)})
     files = training.agent_files(evolve_run)
     z = evolve_run.data.params.get("agent.z", "mean")  # read z as the controller was trained to
     agent = Agent(
@@ -67,6 +70,23 @@ def run(cfg: DictConfig) -> str:
             run.info.run_id,
         )
         return run.info.run_id
+
+
+def _aliased(cfg: DictConfig) -> str:
+    """The evolve run behind an alias of the registered agent (`play.agent=champion`)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracking.setup(cfg)
+    name = f"agent-{cfg.env.name}"
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, str(cfg.play.agent))
+    except MlflowException as err:
+        raise WorldModelError(
+            f"play.agent={cfg.play.agent}: no such alias of {name} in {tracking.tracking_uri(cfg)}; "
+            "run stage=evaluate first, or pass inputs.evolve=<run id>"
+        ) from err
+    return mlflow.get_run(version.run_id).data.tags["upstream.evolve"]  # the evaluate run's controller
 
 
 @torch.inference_mode()
