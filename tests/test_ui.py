@@ -8,8 +8,10 @@ copied to $WM_SCREENSHOTS when it is set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +48,10 @@ def free_port() -> int:
 def serve(store: Path, port: int) -> subprocess.Popen:
     uri = f"sqlite:///{store / 'mlflow.db'}"
     args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port)]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: mlflow server starts uvicorn workers and job runners, stopped with it
+    server = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -54,8 +59,23 @@ def serve(store: Path, port: int) -> subprocess.Popen:
             return server
         except OSError:
             time.sleep(0.5)
-    server.kill()
+    stop(server)
     raise AssertionError("mlflow server did not start")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """The server and every process it started."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
+        try:
+            server.wait(10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # workers that outlived the parent
 
 
 @pytest.mark.slow
@@ -105,7 +125,7 @@ def test_the_mlflow_ui_shows_type_datasets_and_the_champion_agent(tmp_path):
             page.screenshot(path=shots / "models_agent.png", full_page=True)
             browser.close()
     finally:
-        server.kill()
+        stop(server)
 
     client = MlflowClient()
     run = client.create_run(experiment, run_name="ui-screenshots", tags={"stage": "ui-check"})
