@@ -144,6 +144,7 @@ def test_the_form_runs_the_pipeline_then_real_evolve_and_evaluate_with_workers(t
     assert len(scored) == 1 and scored[0].data.metrics["eval/episodes"] == 3
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path):
     args = ["-m", "stage=collect", "collect.episodes=1,2", "collect.workers=1", "collect.max_steps=10"]
     out = subprocess.run(

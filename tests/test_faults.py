@@ -534,6 +534,7 @@ def test_a_nan_fitness_is_refused():
         _check_fitness(np.array([1.0, np.nan]), 4, "dream")
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_a_dataset_of_blank_frames_is_refused_by_train_vae(tmp_path, smoke, dataset_path, merge_run):
     blank = tmp_path / "dataset.h5"
     with h5py.File(dataset_path, "r") as src, h5py.File(blank, "w") as f:
@@ -568,6 +569,7 @@ def file_size_limit(nbytes: int):
 BIG_SHARD = ("env=carracing", "collect.episodes=4", "collect.max_steps=500", "collect.episodes_per_shard=4")
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_collect_past_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
     code, out = run_app(tmp_path, "stage=collect", *BIG_SHARD, preexec_fn=file_size_limit(2_000_000))
     assert code == 2 and "the file-size limit (ulimit -f) is 1.9 MB, collect writes about" in error_line(out)
@@ -645,6 +647,7 @@ def test_merge_with_300_kb_free_is_one_line_not_a_crash(tmp_path):
         subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_a_read_only_outputs_folder_is_one_line(tmp_path):
     outputs = tmp_path / "ro"
     if os.geteuid() == 0:
@@ -681,6 +684,7 @@ def test_disk_errors_are_recognised_inside_the_errors_that_wrap_them():
 # ---- 5: tracking URIs
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
@@ -697,6 +701,7 @@ def test_a_tracking_uri_that_cannot_serve_is_one_line_before_any_work(tmp_path, 
 # ---- 6: unknown keys
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_an_added_key_the_config_does_not_know_is_refused(tmp_path):
     code, out = run_app(tmp_path, "stage=collect", "+collect.episdoes=2")
     line = error_line(out)
@@ -797,6 +802,7 @@ def dead_run(cfg, stage: str) -> tuple[str, Path]:
     return run.info.run_id, Path(run.info.artifact_uri.removeprefix("file://"))
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_the_reaper_removes_only_the_partial_files_the_stage_writes(tmp_path):
     cfg = own_store(tmp_path, "stage=merge")
     collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
@@ -818,6 +824,7 @@ def test_the_reaper_removes_only_the_partial_files_the_stage_writes(tmp_path):
     assert (elsewhere / "dataset.partial.h5").exists(), "the reaper followed a symlink out of the store"
 
 
+@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
 def test_resume_does_not_delete_through_a_symlinked_shards_folder(tmp_path):
     collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
     shards = tracking.artifact_path(collect, "shards/shard_00000.h5").parent
