@@ -132,7 +132,7 @@ def test_sigterm_ends_the_run_killed_and_cleans_up(tmp_path):
     proc = start_app(tmp_path, *LONG_COLLECT)
     try:
         wait_for(lambda: len(children(proc.pid)) >= 2, 60, "the workers to start")
-        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial")), 60, "a shard to be started")
+        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial.h5")), 60, "a shard to be started")
         workers = children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -144,7 +144,7 @@ def test_sigterm_ends_the_run_killed_and_cleans_up(tmp_path):
     run = the_run(tmp_path, "collect")
     assert run.info.status == "KILLED"
     assert f"stage=collect inputs.resume={run.info.run_id}" in out, "the message names the run to resume"
-    assert not list(tmp_path.glob("artifacts/**/*.partial"))
+    assert not list(tmp_path.glob("artifacts/**/*.partial.h5"))
 
 
 # ---- 1: no code from artifacts -------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def test_the_pipeline_hands_resume_to_its_first_stage_only():
 def test_resume_refuses_a_live_run_and_a_new_run_reaps_a_dead_one(tmp_path):
     proc = start_app(tmp_path, *LONG_COLLECT)
     try:
-        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial")), 90, "a shard to be started")
+        wait_for(lambda: any(tmp_path.glob("artifacts/**/*.partial.h5")), 90, "a shard to be started")
         live = the_run(tmp_path, "collect")
         with pytest.raises(
             WorldModelError, match=f"still running \\(process {proc.pid} on this host\\)"
@@ -344,7 +344,7 @@ def test_resume_refuses_a_live_run_and_a_new_run_reaps_a_dead_one(tmp_path):
     run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1", "seed=5"))
     dead = mlflow.get_run(live.info.run_id)
     assert dead.info.status == "KILLED" and dead.data.tags["killed_reason"]
-    assert not list(tmp_path.glob("artifacts/**/*.partial"))
+    assert not list(tmp_path.glob("artifacts/**/*.partial.h5"))
     assert (
         run_stage(own_store(tmp_path, *LONG_COLLECT[:3], f"inputs.resume={live.info.run_id}"))
         == live.info.run_id
