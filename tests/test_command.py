@@ -147,14 +147,7 @@ def test_the_form_runs_the_pipeline_then_real_evolve_and_evaluate_with_workers(t
 @pytest.mark.slow
 def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path):
     args = ["-m", "stage=collect", "collect.episodes=1,2", "collect.workers=1", "collect.max_steps=10"]
-    out = subprocess.run(
-        [sys.executable, "-m", "worldmodel", *args, "experiment=smoke", f"paths.outputs={tmp_path}"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_form(tmp_path, "worldmodel", *args)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     (sweep,) = [r for r in runs if r.data.tags["stage"] == "sweep"]
@@ -185,14 +178,7 @@ def test_an_optuna_sweep_tunes_m_and_its_best_trial_is_in_mlflow(tmp_path):
     )
 
     def app(*args: str) -> None:
-        out = subprocess.run(
-            [sys.executable, "-m", "worldmodel", *args, "experiment=smoke", f"paths.outputs={tmp_path}"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
+        run_form(tmp_path, "worldmodel", *args, timeout=600)
 
     app("stage=pipeline", "pipeline.stages=[collect,encode]")
     app(

@@ -108,7 +108,13 @@ def test_agent_samples_z_per_row_from_its_episode_seed():
 
 def test_fidelity_check_scores_probes_random_and_named_controllers(smoke, evolve_run, rnn_run):
     run_id = run_stage(
-        smoke("stage=dream", "dream.mode=fidelity", f"inputs.evolve={evolve_run}", "dream.fidelity_random=2")
+        smoke(
+            "stage=dream",
+            "dream.mode=fidelity",
+            f"inputs.train_rnn={rnn_run}",  # by id: other tests add train_rnn runs to the session's store
+            f"inputs.evolve={evolve_run}",
+            "dream.fidelity_random=2",
+        )
     )
     tracking.setup(smoke())
     run = mlflow.get_run(run_id)

@@ -411,11 +411,14 @@ def test_train_rnn_with_a_buffer_smaller_than_the_data_is_deterministic(smoke, e
 
 
 def fake_run(cfg, stage: str, files: dict[str, Path], tags=None, params=None, metrics=None) -> str:
-    """A FINISHED run of `stage` in cfg's store holding `files` ({artifact folder: local file})."""
+    """A FINISHED run of `stage` in cfg's store holding `files` ({artifact folder: local file}). It
+    starts at the epoch, so a stage that looks for the latest run of `stage` never picks it up: the
+    store's other tests do not depend on the order the tests run in."""
     tracking.setup(cfg)
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(str(cfg.mlflow.experiment)).experiment_id
-    run = client.create_run(experiment, tags={"stage": stage, "env": str(cfg.env.id), **(tags or {})})
+    tags = {"stage": stage, "env": str(cfg.env.id), **(tags or {})}
+    run = client.create_run(experiment, start_time=1, tags=tags)
     for key, value in (params or {}).items():
         client.log_param(run.info.run_id, key, value)
     for key, value in (metrics or {}).items():
@@ -469,12 +472,17 @@ def test_a_controller_checks_its_actions_against_the_env(smoke, evolve_run):
 # ---- 2: NaN and inf
 
 
-def latents_with(tmp_path: Path, source: Path, name: str, index: tuple, value: float) -> Path:
-    out = tmp_path / "latents.h5"
+def copy_h5(source: Path, out: Path) -> Path:
+    """A copy of an HDF5 file, datasets and attributes, to change without touching the original."""
     with h5py.File(source, "r") as src, h5py.File(out, "w") as f:
         for key in src:
             src.copy(key, f)
         f.attrs.update(src.attrs)
+    return out
+
+
+def latents_with(tmp_path: Path, source: Path, name: str, index: tuple, value: float) -> Path:
+    out = copy_h5(source, tmp_path / "latents.h5")
     with h5py.File(out, "r+") as f:
         f[name][index] = value
     return out
@@ -534,13 +542,9 @@ def test_a_nan_fitness_is_refused():
         _check_fitness(np.array([1.0, np.nan]), 4, "dream")
 
 
-@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
+@pytest.mark.slow  # train_vae's start-up: about 12 s
 def test_a_dataset_of_blank_frames_is_refused_by_train_vae(tmp_path, smoke, dataset_path, merge_run):
-    blank = tmp_path / "dataset.h5"
-    with h5py.File(dataset_path, "r") as src, h5py.File(blank, "w") as f:
-        for key in src:
-            src.copy(key, f)
-        f.attrs.update(src.attrs)
+    blank = copy_h5(dataset_path, tmp_path / "dataset.h5")
     with h5py.File(blank, "r+") as f:
         f["images"][...] = 0
     fake = fake_run(smoke(), "merge", {"": blank}, {"image_size": "64"}, metrics={"episodes": 4})
@@ -802,7 +806,7 @@ def dead_run(cfg, stage: str) -> tuple[str, Path]:
     return run.info.run_id, Path(run.info.artifact_uri.removeprefix("file://"))
 
 
-@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
+@pytest.mark.slow  # a collect and a merge of its own store
 def test_the_reaper_removes_only_the_partial_files_the_stage_writes(tmp_path):
     cfg = own_store(tmp_path, "stage=merge")
     collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
@@ -824,7 +828,7 @@ def test_the_reaper_removes_only_the_partial_files_the_stage_writes(tmp_path):
     assert (elsewhere / "dataset.partial.h5").exists(), "the reaper followed a symlink out of the store"
 
 
-@pytest.mark.slow  # a subprocess or two: the in-process checks of the same code stay fast
+@pytest.mark.slow  # a collect of its own store
 def test_resume_does_not_delete_through_a_symlinked_shards_folder(tmp_path):
     collect = run_stage(own_store(tmp_path, "stage=collect", "collect.workers=1"))
     shards = tracking.artifact_path(collect, "shards/shard_00000.h5").parent

@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import children_of
-from worldmodel.config import PROJECT_ROOT
+from tests.test_command import run_form
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -84,15 +84,7 @@ def test_the_mlflow_ui_shows_type_datasets_and_the_champion_agent(tmp_path):
         pytest.skip("needs Chromium (apt-get install chromium)")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     store = tmp_path / "store"
-    args = ["stage=pipeline", "experiment=smoke", "evaluate.register=true", f"paths.outputs={store}"]
-    done = subprocess.run(
-        [sys.executable, "-m", "worldmodel", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_form(store, "worldmodel", "stage=pipeline", "evaluate.register=true", timeout=900)
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("CarRacing-v3").experiment_id
     (pipeline,) = mlflow.search_runs([experiment], "tags.stage = 'pipeline'", output_format="list")

@@ -28,7 +28,7 @@ from worldmodel.envs import ActionSpace, PixelEnv, action_space
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
-from worldmodel.models.vae import VAE, to_input
+from worldmodel.models.vae import VAE, to_frames, to_input
 
 
 def worker_inference() -> None:
@@ -149,7 +149,7 @@ class Agent:
     @torch.inference_mode()
     def reconstruct(self, frames: np.ndarray) -> np.ndarray:
         mu, _ = self.vae.encode(to_input(torch.from_numpy(frames)))
-        return (self.vae.decode(mu).permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
+        return to_frames(self.vae.decode(mu))
 
 
 class AgentStep(torch.nn.Module):

@@ -124,10 +124,8 @@ def make_dream(
     VAE it was trained on, its env's actions, and first frames from its training episodes."""
     import mlflow
 
-    from worldmodel import tracking, training
+    from worldmodel import training
     from worldmodel.agent import load_rnn, load_vae
-    from worldmodel.data import latents
-    from worldmodel.data.datasets import episodes_in
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -135,10 +133,7 @@ def make_dream(
     tags = run.data.tags
     rnn = load_rnn(training.checkpoint_path(run_id))
     vae = load_vae(training.checkpoint_path(tags["upstream.train_vae"]))
-    starts = None
-    if initial_z == "real":
-        path = tracking.artifact_path(tags["upstream.encode"], "latents.h5")
-        starts = latents.first_steps(path, episodes_in(path, "train"))
+    starts = training.first_frames(tags["upstream.encode"], rnn.latent) if initial_z == "real" else None
     return DreamEnv(rnn, env_actions(tags["env"]), starts, vae, **settings)
 
 

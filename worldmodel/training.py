@@ -75,12 +75,7 @@ class World:
         (`evolve.initial_z=normal`: z ~ N(0, I), as `initial_latents` takes it)."""
         if cfg.evolve.initial_z == "normal":
             return None, None
-        from worldmodel.data import latents
-        from worldmodel.data.datasets import episodes_in
-
-        path = tracking.artifact_path(self.encode_id, "latents.h5")
-        latents.inspect(path, int(cfg.latent.size))
-        return latents.first_steps(path, episodes_in(path, "train"))
+        return first_frames(self.encode_id, int(cfg.latent.size))
 
     @property
     def upstream(self) -> dict[str, str]:
@@ -89,6 +84,16 @@ class World:
             "train_vae": self.vae_run.info.run_id,
             "encode": self.encode_id,
         }
+
+
+def first_frames(encode_id: str, latent_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, logvar) of the first frames of an encode run's training episodes: where dreams start."""
+    from worldmodel.data import latents
+    from worldmodel.data.datasets import episodes_in
+
+    path = tracking.artifact_path(encode_id, "latents.h5")
+    latents.inspect(path, latent_size)
+    return latents.first_steps(path, episodes_in(path, "train"))
 
 
 def resolve_world(cfg: DictConfig) -> World:

@@ -22,6 +22,7 @@ from worldmodel.errors import WorldModelError
 
 SCHEMA = "worldmodel.latents"
 SCHEMA_VERSION = 1
+DATASETS = ("mu", "logvar", "actions", "rewards", "dones", "lengths", "split/train", "split/val")
 
 
 def create(
@@ -59,16 +60,7 @@ def inspect(path: Path, latent_size: int | None = None) -> LatentsInfo:
                 raise WorldModelError(
                     f"{path}: not a worldmodel latents file (version {SCHEMA_VERSION}); re-run encode"
                 )
-            for name in (
-                "mu",
-                "logvar",
-                "actions",
-                "rewards",
-                "dones",
-                "lengths",
-                "split/train",
-                "split/val",
-            ):
+            for name in DATASETS:
                 if name not in f:
                     raise WorldModelError(f"{path}: dataset '{name}' is missing; re-run encode")
             e, t, z = f["mu"].shape
@@ -79,16 +71,7 @@ def inspect(path: Path, latent_size: int | None = None) -> LatentsInfo:
                     raise WorldModelError(
                         f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
                     )
-            for name in (
-                "mu",
-                "logvar",
-                "actions",
-                "rewards",
-                "dones",
-                "lengths",
-                "split/train",
-                "split/val",
-            ):
+            for name in DATASETS:
                 check_stored(Path(path), f[name])
             if latent_size is not None and z != latent_size:
                 raise WorldModelError(

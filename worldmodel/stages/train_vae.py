@@ -24,7 +24,7 @@ from worldmodel.config import check, is_int, one_of, positive_int, positive_numb
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
-from worldmodel.models.vae import SIZES, VAE, to_input, vae_loss
+from worldmodel.models.vae import SIZES, VAE, to_frames, to_input, vae_loss
 from worldmodel.progress import progress_bar
 from worldmodel.stages.merge import dataset_of
 
@@ -189,5 +189,5 @@ def reconstruction_grid(model: VAE, frames: np.ndarray, device: torch.device):
     """Validation frames (top row) over their reconstructions from the mean latent (bottom row)."""
     model.eval()
     mu, _ = model.encode(to_input(torch.from_numpy(frames).to(device)))
-    recon = (model.decode(mu).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    recon = to_frames(model.decode(mu))
     return mosaic([*frames, *recon], columns=len(frames))
