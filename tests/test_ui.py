@@ -101,7 +101,7 @@ def test_the_mlflow_ui_shows_type_datasets_and_the_champion_agent(tmp_path):
 
             # The GenAI / model-training switch is the browser's; a link can choose it.
             page.goto(f"{base}/experiments/{experiment}/runs?workflowType=machine_learning")
-            page.get_by_text("pipeline experiment=smoke", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text(pipeline.info.run_name, exact=False).first.wait_for(timeout=60_000)
             page.wait_for_timeout(2000)
             assert "Select a type" not in page.content(), "the UI asks for the experiment's type"
             page.screenshot(path=shots / "experiment.png", full_page=True)
