@@ -84,7 +84,7 @@ test-team: setup-team ## the team server for real: PostgreSQL on loopback, mlflo
 	$(PY) -m pytest -q -m team tests/test_team.py
 
 server: setup-team ## team tracking server: PostgreSQL store, proxied artifacts, basic auth (SERVER_ARGS="--host … --db …")
-	$(PY) -m worldmodel.team_server $(SERVER_ARGS)
+	$(PY) -m worldmodel.server.team $(SERVER_ARGS)
 
 ui: setup ## MLflow UI on the local store, at http://127.0.0.1:5000
 	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"

@@ -30,17 +30,17 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import worldmodel  # noqa: E402,F401
 from worldmodel import tracking  # noqa: E402
-from worldmodel.agent import Agent, play, worker_inference  # noqa: E402
 from worldmodel.config import CONFIG_DIR  # noqa: E402
+from worldmodel.control.agent import Agent, play, worker_inference  # noqa: E402
+from worldmodel.control.dream import dream_rollouts, initial_latents  # noqa: E402
+from worldmodel.control.scorer import RealScorer  # noqa: E402
 from worldmodel.data import rollouts  # noqa: E402
 from worldmodel.data.datasets import ShuffledFrameBatches  # noqa: E402
 from worldmodel.data.merge import merge_files  # noqa: E402
-from worldmodel.dreaming import dream_rollouts, initial_latents  # noqa: E402
-from worldmodel.envs import make_env  # noqa: E402
+from worldmodel.envs.pixels import make_env  # noqa: E402
 from worldmodel.models.controller import Controller  # noqa: E402
 from worldmodel.models.mdnrnn import MDNRNN  # noqa: E402
 from worldmodel.models.vae import VAE, to_input, vae_loss  # noqa: E402
-from worldmodel.scoring import RealScorer  # noqa: E402
 from worldmodel.stages import run_stage  # noqa: E402
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", os.cpu_count() or 1))  # --workers N overrides

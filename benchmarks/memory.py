@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from worldmodel.checkpoints import save_checkpoint
 from worldmodel.data import latents
 from worldmodel.data.merge import make_split
+from worldmodel.models.checkpoints import save_checkpoint
 from worldmodel.models.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import children_of, compose_config
+from tests.fingerprint import check_golden
 from worldmodel import tracking
-from worldmodel.envs import make_env, widen
+from worldmodel.envs.pixels import make_env, widen
 from worldmodel.models.controller import Controller
 from worldmodel.stages import run_stage
 
@@ -89,3 +90,4 @@ def test_cartpole_smoke_pipeline(tmp_path):
     assert 1 <= scores["eval/score_min"] <= scores["eval/score_max"] <= 500
     gifs = {a.path for a in MlflowClient().list_artifacts(children["dream"].info.run_id, "gifs")}
     assert gifs
+    check_golden("cartpole", tmp_path, parent)  # what it computed before the refactor, bit for bit

@@ -16,13 +16,13 @@ from PIL import Image
 
 from tests.conftest import children_of
 from worldmodel import tracking
-from worldmodel.agent import standardisation
-from worldmodel.checkpoints import load_module, save_checkpoint
-from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel.control.agent import standardisation
+from worldmodel.control.dream import dream_rollouts, initial_latents
 from worldmodel.errors import WorldModelError
+from worldmodel.models.checkpoints import load_module, save_checkpoint
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
-from worldmodel.parallel import WorkerPool
+from worldmodel.parallel.local import WorkerPool
 from worldmodel.stages import run_stage
 
 

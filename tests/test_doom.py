@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import children_of, compose_config
+from tests.fingerprint import check_golden
 from worldmodel import tracking
 from worldmodel.config import PROJECT_ROOT
-from worldmodel.envs import make_env
+from worldmodel.envs.pixels import make_env
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.stages import run_stage
@@ -144,6 +145,7 @@ def test_doom_smoke_pipeline_trains_in_the_dream_and_leaves_no_engine(tmp_path):
     scores = children["evaluate"].data.metrics
     assert scores["eval/episodes"] == 3 and 1 <= scores["eval/score_min"] <= scores["eval/score_max"] <= 30
     assert _engines() <= before, "every VizDoom engine closed with its env"
+    check_golden("doom", tmp_path, parent)  # what it computed before the refactor, bit for bit
 
 
 def test_kill_9_of_the_stage_takes_its_workers_engines_with_it(tmp_path):

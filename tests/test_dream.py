@@ -13,9 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from worldmodel import fidelity, tracking
-from worldmodel.agent import Agent
-from worldmodel.dreaming import dream_rollouts, initial_latents
+from worldmodel import tracking
+from worldmodel.control import fidelity
+from worldmodel.control.agent import Agent
+from worldmodel.control.dream import dream_rollouts, initial_latents
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from worldmodel import tracking
-from worldmodel.agent import Agent, play, worker_inference
 from worldmodel.config import CONFIG_DIR
-from worldmodel.dreaming import dream_rollouts, initial_latents
-from worldmodel.envs import make_env
+from worldmodel.control.agent import Agent, play, worker_inference
+from worldmodel.control.dream import dream_rollouts, initial_latents
+from worldmodel.envs.pixels import make_env
 from worldmodel.errors import WorldModelError
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN, mdn_loss

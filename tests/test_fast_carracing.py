@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import compose_config
-from worldmodel.envs import action_space, make_env
-from worldmodel.fast_carracing import FastCarRacing, register_fast_env
-from worldmodel.policies import make_policy
+from worldmodel.control.policies import make_policy
+from worldmodel.envs.fast_carracing import FastCarRacing, register_fast_env
+from worldmodel.envs.pixels import action_space, make_env
 
 VERIFIED = ((1, 4), (1, 5))  # gymnasium versions [from, to) this renderer was checked against
 

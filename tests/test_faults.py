@@ -457,12 +457,11 @@ def test_merge_refuses_shards_of_another_env(tmp_path, smoke, collect_run):
 
 
 def test_a_controller_checks_its_actions_against_the_env(smoke, evolve_run):
-    from worldmodel import training
-    from worldmodel.agent import load_controller
-    from worldmodel.envs import action_space
+    from worldmodel.control.agent import load_controller
+    from worldmodel.envs.pixels import action_space
 
     tracking.setup(smoke())
-    path = training.agent_files(mlflow.get_run(evolve_run))["controller"]
+    path = tracking.agent_files(mlflow.get_run(evolve_run))["controller"]
     assert load_controller(path, action_space(smoke().env)).action_dim == 3
     cartpole = compose_config("env=cartpole")
     with pytest.raises(WorldModelError, match="acts with 3-d box actions but the env takes 2-d discrete"):
@@ -509,7 +508,6 @@ def test_a_nan_in_the_latents_stops_train_rnn_naming_file_dataset_and_index(tmp_
 
 
 def test_nan_first_latents_stop_dream_evolve_before_a_controller_is_saved(tmp_path, smoke, rnn_run):
-    from worldmodel import training
 
     tracking.setup(smoke())
     rnn = mlflow.get_run(rnn_run)
@@ -519,7 +517,7 @@ def test_nan_first_latents_stop_dream_evolve_before_a_controller_is_saved(tmp_pa
     bad = latents_with(tmp_path, source, "logvar", (episode, 0, 0), np.inf)
     encode = fake_run(smoke(), "encode", {"": bad}, {"latent_size": rnn.data.tags["latent_size"]})
     tags = {k: rnn.data.tags[k] for k in ("latent_size", "upstream.train_vae")} | {"upstream.encode": encode}
-    fake_rnn = fake_run(smoke(), "train_rnn", {"checkpoints": training.checkpoint_path(rnn_run)}, tags)
+    fake_rnn = fake_run(smoke(), "train_rnn", {"checkpoints": tracking.checkpoint_path(rnn_run)}, tags)
     with pytest.raises(
         WorldModelError, match=rf"dataset 'logvar' holds inf at index \[{episode}, 0, 0\]"
     ) as e:

@@ -9,7 +9,7 @@ from gymnasium.utils.env_checker import check_env
 
 from tests.conftest import compose_config
 from worldmodel import tracking
-from worldmodel.envs import gym_env
+from worldmodel.envs.pixels import gym_env
 
 
 @pytest.mark.parametrize("env", ["carracing", "cartpole", "doom"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from worldmodel import tracking, training
+from worldmodel import tracking
 from worldmodel.errors import WorldModelError
 from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE
@@ -80,7 +80,7 @@ def test_checkpoints_reload_with_weights_only_and_give_identical_outputs(smoke, 
     _, mu, logvar = logged(x)
     torch.testing.assert_close((mu, logvar), vae.encode(x))
 
-    rnn_ckpt = training.checkpoint_of(rnn_run, "best")
+    rnn_ckpt = tracking.checkpoint_of(rnn_run, "best")
     rnn, again = MDNRNN(**rnn_ckpt["hparams"]), MDNRNN(**rnn_ckpt["hparams"])
     rnn.load_state_dict(rnn_ckpt["state_dict"])
     again.load_state_dict(
@@ -111,7 +111,7 @@ def test_encode_output_and_lineage(smoke, encode_run, vae_run, merge_run, datase
         np.testing.assert_array_equal(f["split/val"][:], d["split/val"][:])
         assert f.attrs["vae_run"] == vae_run and f.attrs["merge_run"] == merge_run
         vae = VAE(32, 64)
-        vae.load_state_dict(training.checkpoint_of(vae_run)["state_dict"])
+        vae.load_state_dict(tracking.checkpoint_of(vae_run)["state_dict"])
         with torch.no_grad():
             mu, _ = vae.encode(torch.from_numpy(d["images"][1, :5]).permute(0, 3, 1, 2).float() / 255)
         np.testing.assert_allclose(f["mu"][1, :5], mu.numpy(), atol=1e-4)

@@ -144,7 +144,7 @@ def test_mdn_loss_decreases_on_real_latents(encode_run, smoke):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_models_train_and_dream_on_cuda():
-    from worldmodel.dreaming import dream_rollouts
+    from worldmodel.control.dream import dream_rollouts
     from worldmodel.models.controller import Controller
 
     vae = VAE(32, 64).cuda()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import compose_config
-from worldmodel.envs import action_space
-from worldmodel.policies import make_policy
+from worldmodel.control.policies import make_policy
+from worldmodel.envs.pixels import action_space
 
 LOW, HIGH = np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32)
 
@@ -96,8 +96,8 @@ def test_hold_random_holds_one_hot_actions_and_starts_across_the_view():
     ("env", "name"), [("cartpole", "pseudo_random"), ("cartpole", "brownian"), ("carracing", "hold_random")]
 )
 def test_a_policy_that_does_not_fit_the_env_is_one_line(env, name):
+    from worldmodel.control.policies import validate
     from worldmodel.errors import WorldModelError
-    from worldmodel.policies import validate
 
     with pytest.raises(WorldModelError, match=f"policy={name} cannot act in env={env}") as err:
         validate(compose_config(f"env={env}", f"policy={name}"))

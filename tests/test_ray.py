@@ -114,7 +114,7 @@ def _square_or_die(marker_dir: str, payload: int) -> tuple[int, int]:
 
 
 def test_a_killed_ray_worker_is_restarted_and_its_task_retried(ray_head, tmp_path):
-    from worldmodel.ray_pool import RayPool
+    from worldmodel.parallel.ray_pool import RayPool
 
     with RayPool(2, _init, (str(tmp_path),), _square_or_die, timeout=120) as pool:
         results = pool.map(list(range(6)))
@@ -132,7 +132,7 @@ def _sleep_once(marker_dir: str, payload: int) -> int:
 
 
 def test_a_hung_ray_worker_is_killed_after_the_timeout_and_its_task_retried(ray_head, tmp_path):
-    from worldmodel.ray_pool import RayPool
+    from worldmodel.parallel.ray_pool import RayPool
 
     with RayPool(2, _init, (str(tmp_path),), _sleep_once, timeout=5) as pool:
         assert pool.map([0, 1, 2]) == [0, 1, 2]

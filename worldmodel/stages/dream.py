@@ -25,21 +25,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import cma_history, fidelity, policies, tracking, training
-from worldmodel.agent import controller_for, load_controller, load_rnn, load_vae
+from worldmodel import tracking
 from worldmodel.config import check, is_int, one_of, positive_int
+from worldmodel.control import cma as cma_history
+from worldmodel.control import fidelity, policies
+from worldmodel.control.agent import controller_for, load_controller, load_rnn, load_vae
+from worldmodel.control.dream import DreamSettings, dream_returns, dream_rollouts, initial_latents
+from worldmodel.control.policies import make_policy
+from worldmodel.control.scorer import real_scorer
 from worldmodel.data import latents
 from worldmodel.data.datasets import episodes_in
-from worldmodel.dreaming import DreamSettings, dream_returns, dream_rollouts, initial_latents
-from worldmodel.envs import action_space
+from worldmodel.envs.pixels import action_space
 from worldmodel.images import save_gif
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import sample
 from worldmodel.models.vae import VAE, to_frames
-from worldmodel.policies import make_policy
-from worldmodel.scoring import real_scorer
 from worldmodel.seeds import DREAM, FIDELITY, seed_of
 from worldmodel.stages.merge import dataset_of
+from worldmodel.tracking import lineage
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +66,28 @@ def decode(vae: VAE, z: torch.Tensor) -> np.ndarray:
 
 def run(cfg: DictConfig) -> str:
     compat = {"latent_size": str(cfg.latent.size)}
-    world = training.resolve_world(cfg)
+    world = tracking.resolve_world(cfg)
     encode_run = tracking.resolve_run(cfg, "encode", world.encode_id, {})
-    vae = load_vae(training.checkpoint_path(world.vae_run.info.run_id))
-    rnn = load_rnn(training.checkpoint_path(world.rnn_run.info.run_id))
+    vae = load_vae(tracking.checkpoint_path(world.vae_run.info.run_id))
+    rnn = load_rnn(tracking.checkpoint_path(world.rnn_run.info.run_id))
     upstream = world.upstream
     if cfg.dream.mode == "fidelity":
         return _fidelity(cfg, world, rnn)
     controller = None
     if cfg.dream.mode == "free" and cfg.dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)
-        controller = load_controller(training.agent_files(evolve_run)["controller"], action_space(cfg.env))
+        controller = load_controller(tracking.agent_files(evolve_run)["controller"], action_space(cfg.env))
         upstream["evolve"] = evolve_run.info.run_id
-    lat_path = tracking.artifact_path(encode_run.info.run_id, "latents.h5")
+    lat_path = tracking.artifact_path(encode_run.info.run_id, lineage.LATENTS)
     latents.inspect(lat_path, int(cfg.latent.size))
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
-        tracking.log_dataset(world.encode_id, "latents.h5", "dream")
-        out_dir, in_place = tracking.local_artifact_dir("gifs")
+        tracking.log_dataset(world.encode_id, lineage.LATENTS, "dream")
         if cfg.dream.mode == "replay":
-            dataset, _ = dataset_of(encode_run.data.tags["upstream.merge"])
-            _replay(cfg, vae, rnn, lat_path, dataset, out_dir, in_place)
+            dataset, _ = dataset_of(tracking.upstream_run(encode_run, "merge").info.run_id)
+            _replay(cfg, vae, rnn, lat_path, dataset)
         else:
-            _free(cfg, vae, rnn, controller, lat_path, out_dir, in_place)
+            _free(cfg, vae, rnn, controller, lat_path)
         return run.info.run_id
 
 
@@ -95,7 +97,7 @@ def _held_out(lat_path) -> list[int]:
 
 
 @torch.inference_mode()
-def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset, out_dir, in_place: bool) -> None:
+def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset) -> None:
     episodes = _held_out(lat_path)[: int(cfg.dream.episodes)]
     generator = torch.Generator().manual_seed(int(cfg.seed))
     errors = []
@@ -113,9 +115,8 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset, out_dir, in_place
             errors.append((dreamed - mu).pow(2).mean(1).numpy())
             real = df["images"][e, :steps]
             panels = np.concatenate([real, decode(vae, mu), decode(vae, dreamed)], axis=2)
-            name = f"replay_{k:03d}.gif"
-            save_gif(list(panels), out_dir / name, int(cfg.dream.fps))
-            tracking.publish(out_dir / name, "gifs", in_place)
+            with tracking.artifact(f"gifs/replay_{k:03d}.gif") as path:
+                save_gif(list(panels), path, int(cfg.dream.fps))
     length = min(len(x) for x in errors)
     per_step = np.mean([x[:length] for x in errors], axis=0)
     for t, value in enumerate(per_step):
@@ -130,7 +131,7 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset, out_dir, in_place
 
 
 @torch.inference_mode()
-def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_place: bool) -> None:
+def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path) -> None:
     n, steps, temperature = int(cfg.dream.episodes), int(cfg.dream.steps), float(cfg.dream.temperature)
     seeds = [seed_of(int(cfg.seed), DREAM, i) for i in range(n)]
     z0 = initial_latents(*latents.first_steps(lat_path, episodes_in(lat_path, "all")), seeds)
@@ -150,9 +151,8 @@ def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_plac
             z = sample(out.mixture, temperature, generator)
         visited = torch.stack(visited)
     for i in range(n):
-        name = f"free_{i:03d}.gif"
-        save_gif(list(decode(vae, visited[:, i])), out_dir / name, int(cfg.dream.fps))
-        tracking.publish(out_dir / name, "gifs", in_place)
+        with tracking.artifact(f"gifs/free_{i:03d}.gif") as path:
+            save_gif(list(decode(vae, visited[:, i])), path, int(cfg.dream.fps))
     mlflow.log_metric("free/dream_return_mean", float(returns.mean()))
     log.info(
         "dream free: %d dreams of up to %d steps, predicted return %.1f", n, steps, float(returns.mean())
@@ -162,7 +162,7 @@ def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path, out_dir, in_plac
 # ---- dream.mode=fidelity ------------------------------------------------------------------------------
 
 
-def _fidelity(cfg: DictConfig, world: training.World, rnn) -> str:
+def _fidelity(cfg: DictConfig, world: tracking.World, rnn) -> str:
     named = _named_controllers(cfg, world)
     upstream = world.upstream | {f"evolve.{i}": run_id for i, run_id in enumerate(named)}
     with tracking.stage_run(
@@ -190,7 +190,7 @@ def _fidelity(cfg: DictConfig, world: training.World, rnn) -> str:
         return run.info.run_id
 
 
-def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, tuple[Controller, dict]]:
+def _named_controllers(cfg: DictConfig, world: tracking.World) -> dict[str, tuple[Controller, dict]]:
     """The evolve runs in `inputs.evolve` (none, one id or a list), by run id: each one's controller
     shape and {name: parameters} for its kept controller and CMA-ES's mean at
     `dream.fidelity_history` generations spread over its run, rebuilt by replaying its history."""
@@ -199,8 +199,8 @@ def _named_controllers(cfg: DictConfig, world: training.World) -> dict[str, tupl
     out = {}
     for run_id in ids:
         run = tracking.resolve_run(cfg, "evolve", str(run_id), {"latent_size": str(cfg.latent.size)})
-        controller = load_controller(training.agent_files(run)["controller"], action_space(cfg.env))
-        if run.data.tags.get("upstream.train_rnn") != world.rnn_run.info.run_id:
+        controller = load_controller(tracking.agent_files(run)["controller"], action_space(cfg.env))
+        if tracking.upstream(run, "train_rnn") != world.rnn_run.info.run_id:
             log.warning("fidelity: evolve run %s was trained on another M; here it reads this M's h", run_id)
         name = f"evolve {run.info.run_id[:8]}"
         candidates = _history_means(cfg, run, controller, name)
@@ -242,7 +242,7 @@ def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Contro
 
 
 def _score(
-    cfg: DictConfig, world: training.World, rnn, controller: Controller, candidates: dict
+    cfg: DictConfig, world: tracking.World, rnn, controller: Controller, candidates: dict
 ) -> list[dict]:
     """Each candidate's dreamed and real returns: the same dream seeds and the same tracks for all."""
     params = np.stack(list(candidates.values()))
@@ -253,7 +253,7 @@ def _score(
     )
     tracks = [seed_of(int(cfg.seed), FIDELITY, 0, r) for r in range(int(hp.fidelity_tracks))]
     files = {
-        k: str(training.checkpoint_path(r.info.run_id))
+        k: str(tracking.checkpoint_path(r.info.run_id))
         for k, r in (("vae", world.vae_run), ("rnn", world.rnn_run))
     }
     with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
@@ -279,9 +279,9 @@ def _write_csv(name: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _reward_blocks(cfg: DictConfig, world: training.World, rnn) -> None:
+def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
     """M's reward head, teacher-forced over the held-out episodes, per `dream.fidelity_block` steps."""
-    path = tracking.artifact_path(world.encode_id, "latents.h5")
+    path = tracking.artifact_path(world.encode_id, lineage.LATENTS)
     data = latents.read(path, np.asarray(_held_out(path)[:64]))  # enough for a per-block mean
     steps = int(data["lengths"].min())
     mu, logvar = (torch.from_numpy(data[k][:, :steps]) for k in ("mu", "logvar"))

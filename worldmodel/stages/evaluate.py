@@ -13,18 +13,21 @@ evaluation, so `mlflow.pytorch.load_model("models:/agent-carracing@champion")` i
 
 from __future__ import annotations
 
+import csv
 import logging
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import tracking, training
-from worldmodel.agent import AgentStep, load_controller, load_rnn, load_vae
+from worldmodel import tracking
 from worldmodel.config import check, is_int, positive_int
-from worldmodel.envs import action_space
-from worldmodel.scoring import eval_seeds, eval_steps, evaluate, real_scorer
+from worldmodel.control.agent import AgentStep, load_controller, load_rnn, load_vae
+from worldmodel.control.scorer import RealScorer, eval_seeds, eval_steps, real_scorer
+from worldmodel.envs.pixels import action_space
+from worldmodel.images import save_gif
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"  # the alias of the best agent of an env, on evaluate's standard evaluation
@@ -41,13 +44,12 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> str:
     hp = cfg.evaluate
     evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
-    training.check_agent_z(cfg, evolve_run)
-    files = training.agent_files(evolve_run)
+    tracking.check_agent_z(cfg, evolve_run)
+    files = tracking.agent_files(evolve_run)
     controller = load_controller(files["controller"], action_space(cfg.env))
-    upstream = {
-        "evolve": evolve_run.info.run_id,
-        "train_rnn": evolve_run.data.tags["upstream.train_rnn"],
-        "train_vae": evolve_run.data.tags["upstream.train_vae"],
+    upstream = {"evolve": evolve_run.info.run_id}
+    upstream |= {
+        stage: tracking.upstream_run(evolve_run, stage).info.run_id for stage in ("train_rnn", "train_vae")
     }
     with tracking.stage_run(
         cfg, "evaluate", ["evaluate", "agent"], upstream, {"latent_size": str(cfg.latent.size)}
@@ -55,7 +57,7 @@ def run(cfg: DictConfig) -> str:
         with real_scorer(cfg, "evaluate", files, controller.hparams) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, int(hp.episodes))
-            result = evaluate(scorer, params, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
+            result = report(scorer, params, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
         if hp.register:
             register_agent(cfg, files, controller, result.metrics["eval/score_mean"])
         return run.info.run_id
@@ -72,7 +74,7 @@ def register_agent(cfg: DictConfig, files: dict[str, str], controller, score: fl
     h, c = rnn.initial_state(2)
     frames = torch.zeros(2, vae.image_size, vae.image_size, 3, dtype=torch.uint8)
     name = f"agent-{cfg.env.name}"
-    info = training.log_model(AgentStep(vae, rnn, controller), (frames, h[0], c[0]), "agent", name)
+    info = tracking.log_model(AgentStep(vae, rnn, controller), (frames, h[0], c[0]), "agent", name)
     client, version = MlflowClient(), str(info.registered_model_version)
     evaluation = f"seed={cfg.seed} episodes={cfg.evaluate.episodes} max_steps={eval_steps(cfg)}"
     client.set_model_version_tag(name, version, "evaluation", evaluation)
@@ -87,3 +89,90 @@ def register_agent(cfg: DictConfig, files: dict[str, str], controller, score: fl
         client.set_registered_model_alias(name, CHAMPION, version)
         mlflow.set_tag("champion", "true")
         log.info("evaluate: %s version %s is the new %s (%.1f)", name, version, CHAMPION, score)
+
+
+# ---- the evaluation report, shared with evolve's final evaluation ------------------------------
+
+
+@dataclass
+class Evaluation:
+    seeds: list[int]
+    scores: np.ndarray
+    steps: np.ndarray
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        s = self.scores
+        return {
+            "eval/score_mean": float(s.mean()),
+            "eval/score_std": float(s.std()),
+            "eval/score_min": float(s.min()),
+            "eval/score_median": float(np.median(s)),
+            "eval/score_max": float(s.max()),
+            "eval/episodes": float(len(s)),
+        }
+
+
+def report(
+    scorer: RealScorer, params: np.ndarray, seeds: list[int], max_steps: int, gif_steps: int, fps: int
+) -> Evaluation:
+    """Score one controller on every track in `seeds` (full episodes, never cut short) and log to the
+    active run: the summary metrics, `scores.csv` (seed, score, steps), `score_histogram.png`, and GIFs
+    of the best and the worst track (real | reconstruction)."""
+    every = np.repeat(params[None], len(seeds), axis=0)
+    rollouts = scorer.run(every, seeds, max_steps, progress="evaluate")
+    result = Evaluation(
+        list(seeds), np.array([r.score for r in rollouts]), np.array([r.steps for r in rollouts])
+    )
+    mlflow.log_metrics(result.metrics)
+    with tracking.artifact("scores.csv") as path, open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "score", "steps"])
+        writer.writerows(zip(result.seeds, result.scores.round(3), result.steps, strict=True))
+    with tracking.artifact("score_histogram.png") as path:
+        _histogram(result.scores, path)
+    if gif_steps:
+        _gifs(scorer, every, list(seeds), result.scores, max_steps, gif_steps, fps)
+    m = result.metrics
+    log.info(
+        "evaluation over %d unseen tracks: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
+        *(len(seeds), m["eval/score_mean"], m["eval/score_std"], m["eval/score_min"]),
+        *(m["eval/score_median"], m["eval/score_max"]),
+    )
+    return result
+
+
+def _gifs(
+    scorer: RealScorer,
+    every: np.ndarray,
+    seeds: list[int],
+    scores: np.ndarray,
+    max_steps: int,
+    steps: int,
+    fps: int,
+) -> None:
+    """GIFs of the best and the worst track (real | reconstruction), replayed."""
+    for name, i in (("best", int(scores.argmax())), ("worst", int(scores.argmin()))):
+        rollout = scorer.replay(every, seeds, i, max_steps, steps)
+        if not np.isclose(rollout.score, scores[i]):
+            log.warning("the %s track replayed to %.1f, not %.1f", name, rollout.score, scores[i])
+        with tracking.artifact(f"gifs/{name}_track.gif") as path:
+            save_gif(rollout.frames, path, fps)
+
+
+def _histogram(scores: np.ndarray, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(scores, bins=min(30, max(5, len(scores) // 3)), color="#3a7ca5", edgecolor="white")
+    ax.axvline(scores.mean(), color="#d1495b", label=f"mean {scores.mean():.0f} ± {scores.std():.0f}")
+    ax.set_xlabel("score")
+    ax.set_ylabel("tracks")
+    ax.set_title(f"{len(scores)} unseen tracks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -38,18 +38,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import cma_history, tracking, training
-from worldmodel.agent import controller_for, load_rnn, standardisation
-from worldmodel.checkpoints import save_checkpoint
-from worldmodel.cma_history import HISTORY
+from worldmodel import tracking, training
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
-from worldmodel.dreaming import DreamSettings, dream_fitness
+from worldmodel.control import cma as cma_history
+from worldmodel.control.agent import controller_for, load_rnn, standardisation
+from worldmodel.control.fitness import DreamFitness, Fitness, RealFitness
+from worldmodel.control.scorer import RealScorer, eval_seeds, eval_steps, real_scorer
 from worldmodel.errors import WorldModelError
+from worldmodel.models.checkpoints import save_checkpoint
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
-from worldmodel.progress import progress_bar
-from worldmodel.scoring import RealScorer, eval_seeds, eval_steps, evaluate, real_scorer
-from worldmodel.seeds import CHECK, NORM, TRAIN, seed_of
+from worldmodel.seeds import NORM, TRAIN, seed_of
+from worldmodel.stages.evaluate import report
+from worldmodel.tracking import lineage
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +94,24 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
-# ---- the stage --------------------------------------------------------------------------------------
-
-
 def run(cfg: DictConfig) -> str:
     hp = cfg.evolve
-    world = training.resolve_world(cfg)
+    world = tracking.resolve_world(cfg)
     files = {
-        "vae": str(training.checkpoint_path(world.vae_run.info.run_id)),
-        "rnn": str(training.checkpoint_path(world.rnn_run.info.run_id)),
+        "vae": str(tracking.checkpoint_path(world.vae_run.info.run_id)),
+        "rnn": str(tracking.checkpoint_path(world.rnn_run.info.run_id)),
     }
     rnn = load_rnn(files["rnn"])
     try:
         controller = controller_for(cfg, rnn)
     except WorldModelError as err:
         raise WorldModelError(f"MDN-RNN run {world.rnn_run.info.run_id}: {err}") from err
-    training.check_agent_z(cfg, world.rnn_run)
+    tracking.check_agent_z(cfg, world.rnn_run)
     tags = {
         "latent_size": str(cfg.latent.size),
         "mode": str(hp.mode),
         "controller_params": str(controller.n_params),
     }
-
     with tracking.stage_run(
         cfg,
         "evolve",
@@ -123,78 +121,81 @@ def run(cfg: DictConfig) -> str:
         resume=cfg.inputs.resume,
         may_change=["evolve.generations", "evolve.workers", "evolve.eval_episodes"],
     ) as run:
-        out_dir, in_place = tracking.local_artifact_dir("")
         if hp.normalize:
             controller = _standardised(controller, cfg, files)
-        es, best, history = _cma_state(cfg, controller.n_params)
-        starts = world.dream_starts(cfg) if hp.mode == "dream" else None
-        if starts is not None and starts[0] is not None:  # dreams start from real first frames
-            tracking.log_dataset(world.encode_id, "latents.h5", "dream starts")
-        dream = DreamSettings.of(cfg)
-        dreamer = _on_device(cfg, rnn, controller) if hp.mode == "dream" else None  # (M, C) for the dream
-        scorer = _real_scorer(cfg, files, controller)
+        scorer = real_scorer(cfg, "evolve", files, controller.hparams)
         try:
-            for gen in progress_bar(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
-                asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
-                solutions = np.asarray(asked, dtype=np.float32)
-                seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
-                t0 = time.perf_counter()
-                if hp.mode == "dream":
-                    fitness = dream_fitness(*dreamer, solutions, seeds, starts, dream)
-                    metrics = {}
-                else:
-                    fitness, metrics = _real_fitness(scorer, solutions, seeds, hp)
-                elapsed = time.perf_counter() - t0
-                _check_fitness(fitness, gen, str(hp.mode))
-                es.tell(asked, list(-fitness))  # cma minimises
-                best = _keep_best(best, solutions, fitness, gen)
-                top = int(np.argmax(fitness))
-                metrics |= {
-                    "fitness/best": fitness.max(),
-                    "fitness/mean": fitness.mean(),
-                    "fitness/worst": fitness.min(),
-                    "cma/sigma": es.sigma,
-                    "rollouts_per_s": fitness.size * int(hp.rollouts) / elapsed,
-                }
-                if hp.mode == "dream" and hp.real_check_every and (gen + 1) % int(hp.real_check_every) == 0:
-                    kept = _kept(es, best, hp)
-                    metrics |= _real_check(scorer, cfg, gen, kept, solutions[top])
-                    metrics["real/check_dream_score"] = dream_fitness(
-                        *dreamer, kept[None], seeds, starts, dream
-                    )[0]
-                    metrics["real/check_top_dream_score"] = fitness[top]
-                training.log_epoch(metrics, gen)
-                history["fitness"].append(fitness.astype(np.float64))
-                history["digest"].append(cma_history.digest(solutions))
-                with tracking.artifact(HISTORY) as path:
-                    np.savez(path, fitness=np.stack(history["fitness"]), digest=np.array(history["digest"]))
-                log.info(
-                    "evolve gen %d: best %.1f mean %.1f sigma %.3f%s",
-                    gen,
-                    fitness.max(),
-                    fitness.mean(),
-                    es.sigma,
-                    f" (real {metrics['real/check_score']:.1f})" if "real/check_score" in metrics else "",
-                )
-
-            chosen = _kept(es, best, hp)
-            controller.set_flat(torch.from_numpy(chosen))
-            save_checkpoint(
-                out_dir / "controller.pt",
-                controller,
-                fitness=best["fitness"],
-                generation=best["generation"],
-                select=str(hp.select),
-            )
-            tracking.publish(out_dir / "controller.pt", "", in_place)
-            mlflow.log_metric("best_fitness", best["fitness"])
+            chosen = _search(cfg, _fitness(cfg, world, rnn, controller, scorer), controller)
             if int(hp.eval_episodes):  # the same evaluation as stage=evaluate, on its unseen tracks
                 seeds = eval_seeds(cfg, int(hp.eval_episodes))
-                evaluate(scorer, chosen, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
+                report(scorer, chosen, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
         finally:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()
         return run.info.run_id
+
+
+def _fitness(
+    cfg: DictConfig, world: tracking.World, rnn: MDNRNN, controller: Controller, scorer: RealScorer
+) -> Fitness:
+    """The real env's returns, or M's dream (on `device`) from real first frames or z ~ N(0, I)."""
+    if cfg.evolve.mode == "real":
+        return RealFitness(scorer, cfg.evolve)
+    starts = world.dream_starts(cfg)
+    if starts[0] is not None:  # dreams start from real first frames
+        tracking.log_dataset(world.encode_id, lineage.LATENTS, "dream starts")
+    return DreamFitness(*_on_device(cfg, rnn, controller), starts, cfg, scorer)
+
+
+def _search(cfg: DictConfig, fitness: Fitness, controller: Controller) -> np.ndarray:
+    """CMA-ES on `fitness` for `evolve.generations` (resumed where an interrupted run stopped), its
+    history kept after each generation; saves and returns the controller it keeps."""
+    hp = cfg.evolve
+    es, best, history = _cma_state(cfg, controller.n_params)
+    for gen in progress_bar(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
+        asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
+        solutions = np.asarray(asked, dtype=np.float32)
+        seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
+        t0 = time.perf_counter()
+        scores, metrics = fitness(solutions, seeds)
+        elapsed = time.perf_counter() - t0
+        _check_fitness(scores, gen, str(hp.mode))
+        es.tell(asked, list(-scores))  # cma minimises
+        best = _keep_best(best, solutions, scores, gen)
+        metrics |= {
+            "fitness/best": scores.max(),
+            "fitness/mean": scores.mean(),
+            "fitness/worst": scores.min(),
+            "cma/sigma": es.sigma,
+            "rollouts_per_s": scores.size * int(hp.rollouts) / elapsed,
+        }
+        metrics |= fitness.check(gen, _kept(es, best, hp), solutions[int(np.argmax(scores))], seeds)
+        training.log_epoch(metrics, gen)
+        _save_history(history, scores, solutions)
+        real = f" (real {metrics['real/check_score']:.1f})" if "real/check_score" in metrics else ""
+        log.info(
+            "evolve gen %d: best %.1f mean %.1f sigma %.3f%s",
+            gen,
+            scores.max(),
+            scores.mean(),
+            es.sigma,
+            real,
+        )
+    chosen = _kept(es, best, hp)
+    controller.set_flat(torch.from_numpy(chosen))
+    out = tracking.OutputDir()
+    extra = {"fitness": best["fitness"], "generation": best["generation"], "select": str(hp.select)}
+    save_checkpoint(out / lineage.CONTROLLER, controller, **extra)
+    out.publish(out / lineage.CONTROLLER)
+    mlflow.log_metric("best_fitness", best["fitness"])
+    return chosen
+
+
+def _save_history(history: dict[str, list], fitness: np.ndarray, solutions: np.ndarray) -> None:
+    history["fitness"].append(fitness.astype(np.float64))
+    history["digest"].append(cma_history.digest(solutions))
+    with tracking.artifact(lineage.HISTORY) as path:
+        np.savez(path, fitness=np.stack(history["fitness"]), digest=np.array(history["digest"]))
 
 
 def _on_device(cfg: DictConfig, rnn: MDNRNN, controller: Controller) -> tuple[MDNRNN, Controller]:
@@ -221,17 +222,6 @@ def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: DictConfig) -> np.ndarra
     return best["params"] if hp.select == "best" else np.asarray(es.mean, dtype=np.float32)
 
 
-def _real_check(
-    scorer: RealScorer, cfg: DictConfig, gen: int, kept: np.ndarray, top: np.ndarray
-) -> dict[str, float]:
-    """Real-env scores, on the same check tracks, of the kept controller and the generation's top one."""
-    n = int(cfg.evolve.real_check_rollouts)
-    seeds = [seed_of(int(cfg.seed), CHECK, gen, r) for r in range(n)]
-    real = scorer.run(np.stack([kept] * n + [top] * n), seeds + seeds, int(cfg.evolve.max_steps))
-    scores = np.array([r.score for r in real])
-    return {"real/check_score": float(scores[:n].mean()), "real/check_top_score": float(scores[n:].mean())}
-
-
 def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
@@ -239,7 +229,7 @@ def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy
     es = cma_history.new_es(n_params, int(hp.popsize), float(hp.sigma0), int(cfg.seed) + 1)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
-    if not cfg.inputs.resume or HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
+    if not cfg.inputs.resume or lineage.HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
         return es, best, history
     for gen, solutions, fitness, digest in cma_history.replay(es, cfg.inputs.resume, int(hp.popsize)):
         best = _keep_best(best, solutions, fitness, gen)
@@ -256,10 +246,6 @@ def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int)
     return {"fitness": float(fitness[top]), "params": solutions[top].copy(), "generation": gen}
 
 
-def _real_scorer(cfg: DictConfig, files: dict[str, str], controller: Controller) -> RealScorer:
-    return real_scorer(cfg, "evolve", files, controller.hparams)
-
-
 def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]) -> Controller:
     """`controller` with its inputs standardised by their mean and std along popsize real rollouts of
     candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
@@ -268,25 +254,9 @@ def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]
     rng = np.random.default_rng(seed_of(int(cfg.seed), NORM))
     params = rng.normal(0.0, float(hp.sigma0), (int(hp.popsize), controller.n_params)).astype(np.float32)
     seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
-    with _real_scorer(cfg, files, controller) as scorer:
+    with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
         rollouts = scorer.run(params, seeds, int(hp.max_steps), int(hp.stall_steps))
     tally = np.sum([ro.inputs for ro in rollouts], axis=0)
     mlflow.log_metric("normalize/steps", int(tally[0]))
     mean, std = standardisation(tally)
     return Controller(**controller.hparams | {"input_mean": mean, "input_std": std})
-
-
-def _real_fitness(
-    scorer: RealScorer, solutions: np.ndarray, seeds: list[int], hp: DictConfig
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Every candidate on every seed; rollouts stop early once stalled (`evolve.stall_steps`)."""
-    params = np.repeat(solutions, len(seeds), axis=0)
-    rollouts = scorer.run(params, seeds * len(solutions), int(hp.max_steps), int(hp.stall_steps))
-    returns = np.array([ro.score for ro in rollouts]).reshape(len(solutions), len(seeds))
-    steps = np.array([ro.steps for ro in rollouts])
-    metrics = {
-        "rollouts/stalled_fraction": float(np.mean([ro.stalled for ro in rollouts])),
-        "rollouts/steps_mean": float(steps.mean()),
-        "rollouts/env_steps": float(steps.sum()),
-    }
-    return returns.mean(1), metrics

@@ -22,10 +22,10 @@ from worldmodel.config import check, is_int, positive_int
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
-from worldmodel.progress import progress_bar
+from worldmodel.tracking import lineage
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
-DATASET = "dataset.h5"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -47,7 +47,7 @@ def collect_run_ids(cfg: DictConfig) -> list[str | None]:
 
 def dataset_of(run_id: str) -> tuple[Path, rollouts.RolloutInfo]:
     """A merge run's dataset, inspected, holding the episodes the run recorded writing."""
-    path = tracking.artifact_path(run_id, DATASET)
+    path = tracking.artifact_path(run_id, lineage.DATASET)
     info = rollouts.inspect(path, merged=True)
     recorded = mlflow.get_run(run_id).data.metrics.get("episodes")
     if recorded is not None and info.episodes != int(recorded):
@@ -83,12 +83,44 @@ def run(cfg: DictConfig) -> str:
     ids = [r.info.run_id for r in sources]
     if len(set(ids)) != len(ids):
         raise WorldModelError(f"inputs.collect lists a run twice: {ids}")
+    infos, owners = _verified_shards(sources)  # everything, before anything is written
+    upstream = {"collect": ",".join(ids)}
+    tags = {"image_size": str(cfg.env.image_size)}
+    with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
+        for rid in ids:
+            tracking.log_dataset(rid, lineage.SHARDS, "merge")
+        out = tracking.OutputDir()
+        # The dataset is about the size of its shards (the same compression): room for it before a byte
+        # is written (HDF5 can crash outright when the disk fills under it).
+        files.check_room(out.path, sum(os.path.getsize(i.path) for i in infos) + 2**20, "merge")
+        start = time.perf_counter()
+        with progress_bar(total=sum(i.episodes for i in infos), desc="merge", unit="ep") as bar:
+            metrics = merge_files(
+                infos,
+                owners,
+                out / lineage.DATASET,
+                float(cfg.merge.val_fraction),
+                int(cfg.seed),
+                int(cfg.merge.chunk_frames),
+                int(cfg.merge.compression_level),
+                bar.update,
+            )
+        metrics["mb_per_s"] = metrics["bytes"] / 2**20 / (time.perf_counter() - start)
+        out.publish(out / lineage.DATASET)
+        mlflow.log_metrics(metrics)
+        log.info(
+            "merge: %d episodes, %.1f MB (%.1f× smaller than raw) → run %s",
+            *(metrics["episodes"], metrics["bytes"] / 2**20, metrics["compression_ratio"], run.info.run_id),
+        )
+        return run.info.run_id
 
-    # Verify everything before writing anything.
+
+def _verified_shards(sources: list[Run]) -> tuple[list[rollouts.RolloutInfo], list[str]]:
+    """Every shard of the collect runs, inspected and read back whole, and the run each came from."""
     infos, owners = [], []
     for source in sources:
         rid = source.info.run_id
-        names = sorted(p for p in tracking.list_artifacts(rid, "shards") if p.endswith(".h5"))
+        names = sorted(p for p in tracking.list_artifacts(rid, lineage.SHARDS) if p.endswith(".h5"))
         if not names:
             raise WorldModelError(f"collect run {rid} has no shards; re-run it or pick another run")
         run_infos = [rollouts.inspect(tracking.artifact_path(rid, name)) for name in names]
@@ -98,39 +130,5 @@ def run(cfg: DictConfig) -> str:
         infos += run_infos
         owners += [rid] * len(run_infos)
     rollouts.check_same_settings(infos)
-    log.info("merge: %d shards from %d collect run(s) verified", len(infos), len(ids))
-
-    upstream = {"collect": ",".join(ids)}
-    tags = {"image_size": str(cfg.env.image_size)}
-    with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
-        for rid in ids:
-            tracking.log_dataset(rid, "shards", "merge")
-        out_dir, in_place = tracking.local_artifact_dir("")
-        # The dataset is about the size of its shards (the same compression): room for it before a byte
-        # is written (HDF5 can crash outright when the disk fills under it).
-        files.check_room(out_dir, sum(os.path.getsize(i.path) for i in infos) + 2**20, "merge")
-        total = sum(i.episodes for i in infos)
-        start = time.perf_counter()
-        with progress_bar(total=total, desc="merge", unit="ep") as bar:
-            metrics = merge_files(
-                infos,
-                owners,
-                out_dir / DATASET,
-                float(cfg.merge.val_fraction),
-                int(cfg.seed),
-                int(cfg.merge.chunk_frames),
-                int(cfg.merge.compression_level),
-                bar.update,
-            )
-        elapsed = time.perf_counter() - start
-        metrics["mb_per_s"] = metrics["bytes"] / 2**20 / elapsed
-        tracking.publish(out_dir / DATASET, "", in_place)
-        mlflow.log_metrics(metrics)
-        log.info(
-            "merge: %d episodes, %.1f MB (%.1f× smaller than raw) → run %s",
-            metrics["episodes"],
-            metrics["bytes"] / 2**20,
-            metrics["compression_ratio"],
-            run.info.run_id,
-        )
-        return run.info.run_id
+    log.info("merge: %d shards from %d collect run(s) verified", len(infos), len(sources))
+    return infos, owners

@@ -137,8 +137,8 @@ def _run_stages(cfg: DictConfig, stages: list[str] | tuple[str, ...]) -> None:
 def _round(cfg: DictConfig, k: int) -> None:
     """One round of the iterative procedure, from the latest evolve run in `cfg.inputs.evolve`."""
     evolve = mlflow.get_run(cfg.inputs.evolve)
-    encode = mlflow.get_run(evolve.data.tags["upstream.encode"])
-    merge = mlflow.get_run(encode.data.tags["upstream.merge"])
+    encode = tracking.upstream_run(evolve, "encode")
+    merge = tracking.upstream_run(encode, "merge")
     policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
     policy.run_id = evolve.info.run_id
     with open_dict(cfg):
@@ -148,12 +148,12 @@ def _round(cfg: DictConfig, k: int) -> None:
         cfg.seed = seed_of(int(cfg.seed), ROUND, k) % 2**31  # new tracks for the new episodes
         cfg.collect.episodes = int(cfg.pipeline.round_episodes)
         cfg.inputs.collect = None
-        cfg.inputs.train_vae = evolve.data.tags["upstream.train_vae"]  # V is kept
+        cfg.inputs.train_vae = tracking.upstream(evolve, "train_vae")  # V is kept
     with tracking.stage_run(cfg, "round", ["pipeline"], tags={"round": str(k)}) as run:
         log.info("pipeline: round %d, collecting with controller %s", k, evolve.info.run_id)
         _run_stages(cfg, ROUND_STAGES[:1])
         with open_dict(cfg):  # every episode so far: the earlier collect runs and this one
-            cfg.inputs.collect = [*merge.data.tags["upstream.collect"].split(","), cfg.inputs.collect]
+            cfg.inputs.collect = [*tracking.upstream(merge, "collect").split(","), cfg.inputs.collect]
         _run_stages(cfg, ROUND_STAGES[1:])
     mlflow.log_metrics(mlflow.get_run(run.info.run_id).data.metrics)  # the parent shows the last round
     mlflow.set_tag(f"child.round_{k}", run.info.run_id)

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel import tracking, training
-from worldmodel.agent import Agent, load_controller, load_rnn, load_vae
+from worldmodel import tracking
 from worldmodel.config import check, is_int
-from worldmodel.envs import action_space, make_env
+from worldmodel.control.agent import Agent, load_controller, load_rnn, load_vae
+from worldmodel.control.scorer import eval_seeds
+from worldmodel.envs.pixels import action_space, make_env
 from worldmodel.errors import WorldModelError
 from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample_with_noise
 from worldmodel.models.vae import to_frames, to_input
-from worldmodel.scoring import eval_seeds
 
 log = logging.getLogger(__name__)
 GIF = "play.gif"
@@ -41,7 +41,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> str:
     evolve_id = _aliased(cfg) if cfg.play.agent else cfg.inputs.evolve
     evolve_run = tracking.resolve_run(cfg, "evolve", evolve_id, {"latent_size": str(cfg.latent.size)})
-    files = training.agent_files(evolve_run)
+    files = tracking.agent_files(evolve_run)
     z = evolve_run.data.params.get("agent.z", "mean")  # read z as the controller was trained to
     agent = Agent(
         load_vae(files["vae"]),
@@ -86,7 +86,7 @@ def _aliased(cfg: DictConfig) -> str:
             f"play.agent={cfg.play.agent}: no such alias of {name} in {tracking.tracking_uri(cfg)}; "
             "run stage=evaluate first, or pass inputs.evolve=<run id>"
         ) from err
-    return mlflow.get_run(version.run_id).data.tags["upstream.evolve"]  # the evaluate run's controller
+    return tracking.upstream(mlflow.get_run(version.run_id), "evolve")  # the evaluate run's controller
 
 
 @torch.inference_mode()

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.checkpoints import load_module
 from worldmodel.config import check, positive_int, positive_number
 from worldmodel.data import latents
 from worldmodel.data.buffer import EpisodeBuffer
 from worldmodel.data.datasets import episodes_in
 from worldmodel.errors import WorldModelError
-from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, mdn_loss
-from worldmodel.progress import progress_bar
+from worldmodel.models.checkpoints import load_module
+from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, MDNRNNStep, mdn_loss
+from worldmodel.tracking import lineage
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 STAGE = "train_rnn"
@@ -170,54 +172,61 @@ def training_batches(
         owed -= size
 
 
+class _Baseline:
+    """The baseline's statistics over validation pairs: Σ (next_z − z)² per dimension, and the steps."""
+
+    def __init__(self, latent: int) -> None:
+        self.sq, self.steps = torch.zeros(latent), 0.0
+
+    def add(self, b: dict[str, torch.Tensor]) -> None:
+        m = b["mask"].bool().cpu()
+        self.sq += (b["next_z"] - b["z"]).cpu()[m].pow(2).sum(0)
+        self.steps += float(b["mask"].sum())
+
+    def nll(self) -> float:
+        var = (self.sq / self.steps).clamp(min=1e-8)  # per-dimension σ² of next_z ~ N(z, σ²), fitted here
+        return float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean())
+
+
+def _validation_windows(path: Path, episodes: np.ndarray, hp: DictConfig) -> Iterator[dict[str, np.ndarray]]:
+    """The held-out episodes' windows in order, `buffer_episodes` episodes read at a time."""
+    span, size = int(hp.seq_len) + 1, int(hp.batch_size)
+    for data in latents.stream(path, episodes, int(hp.buffer_episodes)):
+        index = windows(data, int(hp.seq_len))
+        for i in range(0, len(index), size):
+            yield gather(data, index[i : i + size], span)
+
+
 @torch.no_grad()
 def evaluate(
     model: MDNRNN, path: Path, episodes: np.ndarray, cfg: DictConfig, device: torch.device
 ) -> dict[str, float]:
+    """Validation losses, the NLL per unmasked step (the reward and done losses per window), and the
+    baseline's NLL on the same pairs."""
     model.eval()
-    hp = cfg.train_rnn
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    sums, n, steps = np.zeros(3), 0, 0.0
-    sq = torch.zeros(int(cfg.latent.size))  # the baseline's statistics, accumulated: Σ (next_z − z)²
-    for data in latents.stream(path, episodes, int(hp.buffer_episodes)):
-        index = windows(data, int(hp.seq_len))
-        for i in range(0, len(index), int(hp.batch_size)):
-            w = gather(data, index[i : i + int(hp.batch_size)], int(hp.seq_len) + 1)
-            b, loss = batch_loss(model, w, cfg, generator, device)
-            weight = float(b["mask"].sum())
-            sums += np.array(
-                [loss.nll.item() * weight, loss.reward.item() * len(b["z"]), loss.done.item() * len(b["z"])]
-            )
-            n += len(b["z"])
-            m = b["mask"].bool().cpu()
-            sq += (b["next_z"] - b["z"]).cpu()[m].pow(2).sum(0)
-            steps += weight
-    var = (sq / steps).clamp(min=1e-8)  # per-dimension σ² of next_z ~ N(z, σ²), fitted on these pairs
-    return {
-        "val/nll": sums[0] / steps,
-        "val/reward_loss": sums[1] / n,
-        "val/done_loss": sums[2] / n,
-        "val/baseline_nll": float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean()),
-    }
+    baseline = _Baseline(int(cfg.latent.size))
+
+    def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        b, loss = batch_loss(model, w, cfg, generator, device)
+        baseline.add(b)
+        k = len(b["z"])
+        parts = {"nll": (loss.nll.item(), float(b["mask"].sum())), "reward_loss": (loss.reward.item(), k)}
+        return loss.loss, parts | {"done_loss": (loss.done.item(), k)}
+
+    val = training.data_pass(
+        _validation_windows(path, episodes, cfg.train_rnn), loss_of, None, "validation", STAGE
+    )
+    return {f"val/{k}": v for k, v in val.items()} | {"val/baseline_nll": baseline.nll()}
 
 
 def run(cfg: DictConfig) -> str:
     compat = {"latent_size": str(cfg.latent.size)}
     encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
-    path = tracking.artifact_path(encode.info.run_id, "latents.h5")
-    info = latents.inspect(path, int(cfg.latent.size))
-    train, val = episodes_in(path, "train"), episodes_in(path, "val")
-    if len(val) == 0:
-        val = train  # a dataset without a validation split: report on the training episodes
-    hp = cfg.train_rnn
-    longest = int(info.lengths[train].max())
-    if longest <= int(hp.seq_len):
-        raise WorldModelError(
-            f"train_rnn.seq_len={hp.seq_len} is not shorter than the episodes ({longest} steps); lower it"
-        )
+    path = tracking.artifact_path(encode.info.run_id, lineage.LATENTS)
+    info, train, val = _episodes_of(path, cfg)
     device = training.pick_device(cfg)
-    upstream = {"encode": encode.info.run_id, "train_vae": encode.data.tags.get("upstream.train_vae", "")}
-
+    upstream = {"encode": encode.info.run_id, "train_vae": tracking.upstream(encode, "train_vae")}
     with tracking.stage_run(
         cfg,
         STAGE,
@@ -227,68 +236,103 @@ def run(cfg: DictConfig) -> str:
         resume=cfg.inputs.resume,
         may_change=["train_rnn.epochs"],
     ) as run:
-        tracking.log_dataset(encode.info.run_id, "latents.h5", "training")
+        tracking.log_dataset(encode.info.run_id, lineage.LATENTS, "training")
         torch.manual_seed(cfg.seed)
-        model = MDNRNN(
-            int(cfg.latent.size),
-            info.action_dim,
-            int(hp.hidden),
-            int(hp.mixtures),
-            float(hp.dropout),
-            float(hp.done_pos_weight),
-        ).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
-        start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
-        ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
-        total_windows = int((info.lengths[train] // (int(hp.seq_len) + 1)).sum())
-        buffer = EpisodeBuffer(int(hp.buffer_episodes))
-
-        for epoch in range(start_epoch, int(hp.epochs)):
-            model.train()
-            rng = np.random.default_rng([int(cfg.seed), epoch])
-            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            sums, n, t0 = np.zeros(4), 0, time.perf_counter()
-            batches = training_batches(buffer, path, train, info.lengths, hp, rng)
-            with progress_bar(
-                total=total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
-            ) as bar:
-                for i, w in enumerate(batches):
-                    b, loss = batch_loss(model, w, cfg, generator, device)
-                    training.require_finite(loss.loss.item(), f"the loss of epoch {epoch}, batch {i}", STAGE)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.grad_clip))
-                    optimizer.step()
-                    k = len(b["z"])
-                    sums += (
-                        np.array([loss.loss.item(), loss.nll.item(), loss.reward.item(), loss.done.item()])
-                        * k
-                    )
-                    n += k
-                    bar.update(k)
-            elapsed = time.perf_counter() - t0
-            metrics = dict(zip(("train/loss", "train/nll", "train/reward_loss", "train/done_loss"), sums / n))
-            metrics |= evaluate(model, path, val, cfg, device)
-            metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
-            metrics["train/steps_per_s"] = n * int(hp.seq_len) / elapsed
-            training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)
-            training.log_epoch(metrics, epoch)
-            best = training.checkpoint_epoch(
-                ckpt_dir, in_place, model, optimizer, epoch, float(metrics["val/nll"]), best
-            )
-            log.info(
-                "train_rnn epoch %d: train nll %.3f, val nll %.3f (baseline %.3f), reward %.4f, done %.4f",
-                epoch,
-                metrics["train/nll"],
-                metrics["val/nll"],
-                metrics["val/baseline_nll"],
-                metrics["val/reward_loss"],
-                metrics["val/done_loss"],
-            )
-
-        training.log_epoch({"best_val_nll": best}, int(hp.epochs) - 1)
-        rnn = load_module(MDNRNN, ckpt_dir / "best.pt")
+        model = _model(cfg, info.action_dim, device)
+        optimiser = training.Optimiser(model, float(cfg.train_rnn.lr), float(cfg.train_rnn.grad_clip))
+        start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
+        epochs = Epochs(cfg, model, optimiser, device, path, info, train, val)
+        checkpoints = training.Checkpoints()
+        for epoch in range(start_epoch, int(cfg.train_rnn.epochs)):
+            best = checkpoints.save(model, optimiser, epoch, epochs.run(epoch), best)
+        training.log_epoch({"best_val_nll": best}, int(cfg.train_rnn.epochs) - 1)
+        rnn = load_module(MDNRNN, checkpoints.best_path)
         h, c = rnn.initial_state(2)  # a batch of 1 would be exported as a fixed size
         examples = (torch.zeros(2, rnn.latent), torch.zeros(2, rnn.action_dim), h[0], c[0])
-        training.log_model(training.MDNRNNStep(rnn), examples)
+        tracking.log_model(MDNRNNStep(rnn), examples)
         return run.info.run_id
+
+
+def _episodes_of(path: Path, cfg: DictConfig) -> tuple[latents.LatentsInfo, np.ndarray, np.ndarray]:
+    """The latents file's layout, and its training and validation episodes (checked against seq_len)."""
+    info = latents.inspect(path, int(cfg.latent.size))
+    train, val = episodes_in(path, "train"), episodes_in(path, "val")
+    if len(val) == 0:
+        val = train  # a dataset without a validation split: report on the training episodes
+    longest = int(info.lengths[train].max())
+    if longest <= int(cfg.train_rnn.seq_len):
+        raise WorldModelError(
+            f"train_rnn.seq_len={cfg.train_rnn.seq_len} is not shorter than the episodes ({longest} steps); "
+            "lower it"
+        )
+    return info, train, val
+
+
+def _model(cfg: DictConfig, action_dim: int, device: torch.device) -> MDNRNN:
+    hp = cfg.train_rnn
+    return MDNRNN(
+        int(cfg.latent.size),
+        action_dim,
+        int(hp.hidden),
+        int(hp.mixtures),
+        float(hp.dropout),
+        float(hp.done_pos_weight),
+    ).to(device)
+
+
+class Epochs:
+    """One epoch of M: a training pass over the buffer's windows, a validation pass, the metrics."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: MDNRNN,
+        optimiser: training.Optimiser,
+        device: torch.device,
+        path: Path,
+        info: latents.LatentsInfo,
+        train: np.ndarray,
+        val: np.ndarray,
+    ) -> None:
+        self.cfg, self.model, self.optimiser, self.device = cfg, model, optimiser, device
+        self.path, self.info, self.train, self.val = path, info, train, val
+        self.total_windows = int((info.lengths[train] // (int(cfg.train_rnn.seq_len) + 1)).sum())
+        self.buffer = EpisodeBuffer(int(cfg.train_rnn.buffer_episodes))
+
+    def run(self, epoch: int) -> float:
+        """Train and validate once; log the epoch. Returns the validation NLL."""
+        hp = self.cfg.train_rnn
+        self.model.train()
+        rng = np.random.default_rng([int(self.cfg.seed), epoch])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        batches = training_batches(self.buffer, self.path, self.train, self.info.lengths, hp, rng)
+        t0, self.windows = time.perf_counter(), 0
+        with progress_bar(
+            total=self.total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
+        ) as bar:
+            loss_of = self._train_loss(generator, bar)
+            train = training.data_pass(batches, loss_of, self.optimiser, f"epoch {epoch}", STAGE)
+        elapsed = time.perf_counter() - t0
+        metrics = {f"train/{k}": v for k, v in train.items()}
+        metrics |= evaluate(self.model, self.path, self.val, self.cfg, self.device)
+        metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
+        metrics["train/steps_per_s"] = self.windows * int(hp.seq_len) / elapsed
+        training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)
+        training.log_epoch(metrics, epoch)
+        log.info(
+            "train_rnn epoch %d: train nll %.3f, val nll %.3f (baseline %.3f), reward %.4f, done %.4f",
+            *(epoch, metrics["train/nll"], metrics["val/nll"], metrics["val/baseline_nll"]),
+            *(metrics["val/reward_loss"], metrics["val/done_loss"]),
+        )
+        return float(metrics["val/nll"])
+
+    def _train_loss(self, generator: torch.Generator, bar: tqdm) -> training.epochs.LossOf:
+        def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+            b, loss = batch_loss(self.model, w, self.cfg, generator, self.device)
+            k = len(b["z"])
+            self.windows += k
+            bar.update(k)
+            values = {"loss": loss.loss, "nll": loss.nll, "reward_loss": loss.reward, "done_loss": loss.done}
+            return loss.loss, {name: (v.item(), k) for name, v in values.items()}
+
+        return loss_of

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 import h5py
 import mlflow
@@ -19,14 +22,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from worldmodel import tracking, training
-from worldmodel.checkpoints import load_module
 from worldmodel.config import check, is_int, one_of, positive_int, positive_number
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
-from worldmodel.models.vae import SIZES, VAE, to_frames, to_input, vae_loss
-from worldmodel.progress import progress_bar
+from worldmodel.models.checkpoints import load_module
+from worldmodel.models.vae import SIZES, VAE, VAELoss, to_frames, to_input, vae_loss
 from worldmodel.stages.merge import dataset_of
+from worldmodel.tracking import lineage
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 STAGE = "train_vae"
@@ -53,9 +57,7 @@ def run(cfg: DictConfig) -> str:
     merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, {"image_size": str(cfg.env.image_size)})
     dataset, _ = dataset_of(merge.info.run_id)
     device = training.pick_device(cfg)
-    hp = cfg.train_vae
     tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
-
     with tracking.stage_run(
         cfg,
         STAGE,
@@ -65,91 +67,121 @@ def run(cfg: DictConfig) -> str:
         resume=cfg.inputs.resume,
         may_change=["train_vae.num_workers", "train_vae.epochs"],
     ) as run:
-        tracking.log_dataset(merge.info.run_id, "dataset.h5", "training")
+        tracking.log_dataset(merge.info.run_id, lineage.DATASET, "training")
         torch.manual_seed(cfg.seed)
-        layout = torch.channels_last if hp.channels_last else torch.contiguous_format
-        model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=hp.precision == "bf16")
-        optimizer = torch.optim.Adam(model.parameters(), lr=float(hp.lr))
-        start_epoch, best = training.restore(cfg.inputs.resume, model, optimizer)
-
-        train = ShuffledFrameBatches(
-            dataset, int(hp.batch_size), "train", int(hp.buffer_frames), int(cfg.seed)
-        )
-        if train.frames < hp.batch_size:
-            raise WorldModelError(
-                f"train_vae.batch_size={hp.batch_size} is larger than the {train.frames} "
-                "training frames of the dataset"
-            )
-        loader = DataLoader(
-            train,
-            batch_size=None,
-            num_workers=int(hp.num_workers),
-            persistent_workers=False,
-            pin_memory=device.type == "cuda",
-        )
-        damaged = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
-        with training.reading(dataset, damaged):
-            val_frames = _validation_frames(dataset, int(hp.val_frames))
-        if val_frames.min() == val_frames.max():  # a VAE would learn one colour and report success
-            raise WorldModelError(
-                f"{dataset}: all {len(val_frames)} validation frames are the one value {val_frames.min()}: "
-                "the env rendered nothing; check env.frames and env.crop, then collect again"
-            )
-        grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
-        ckpt_dir, in_place = tracking.local_artifact_dir(training.CHECKPOINTS)
-
-        for epoch in range(start_epoch, int(hp.epochs)):
+        model, optimiser, start_epoch, best = _model(cfg, device)
+        train, loader = _training_data(cfg, dataset, device)
+        hint = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
+        val_frames = _checked_validation_frames(dataset, int(cfg.train_vae.val_frames), hint)
+        epochs = Epochs(cfg, model, optimiser, device, val_frames, lambda: training.reading(dataset, hint))
+        checkpoints = training.Checkpoints()
+        for epoch in range(start_epoch, int(cfg.train_vae.epochs)):
             train.set_epoch(epoch)
-            model.train()
-            sums, frames, t0 = np.zeros(3), 0, time.perf_counter()
-            batches = progress_bar(
-                loader, desc=f"train_vae {epoch + 1}/{hp.epochs}", unit="batch", leave=False
-            )
-            with training.reading(dataset, damaged):
-                for i, batch in enumerate(batches):
-                    x = to_input(batch.to(device, non_blocking=True))  # uint8 travels, floats on the device
-                    with autocast:
-                        recon, mu, logvar = model(x)
-                    out = vae_loss(x, recon.float(), mu.float(), logvar.float(), float(hp.kl_tolerance))
-                    training.require_finite(out.loss.item(), f"the loss of epoch {epoch}, batch {i}", STAGE)
-                    optimizer.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    optimizer.step()
-                    sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
-                    frames += len(x)
-            elapsed = time.perf_counter() - t0
-            val = evaluate(model, val_frames, device, float(hp.kl_tolerance), int(hp.batch_size))
-            train_m = sums / max(frames, 1)
-            metrics = {
-                "train/loss": train_m[0],
-                "train/recon": train_m[1],
-                "train/kl": train_m[2],
-                "val/loss": val[0],
-                "val/recon": val[1],
-                "val/kl": val[2],
-                "train/frames_per_s": frames / elapsed,
-            }
-            training.require_finite(val[0], f"the validation loss of epoch {epoch}", STAGE)
-            training.log_epoch(metrics, epoch)
-            # An image series: the run page shows it with a step slider over the epochs.
-            grid_image = reconstruction_grid(model, grid, device)
-            mlflow.log_image(grid_image, key="reconstructions", step=epoch, synchronous=True)
-            best = training.checkpoint_epoch(ckpt_dir, in_place, model, optimizer, epoch, float(val[0]), best)
-            log.info(
-                "train_vae epoch %d: train %.1f, val %.1f (recon %.1f, kl %.1f), %.0f frames/s",
-                epoch,
-                train_m[0],
-                val[0],
-                val[1],
-                val[2],
-                metrics["train/frames_per_s"],
-            )
-
-        training.log_epoch({"best_val_loss": best}, int(hp.epochs) - 1)
-        vae = load_module(VAE, ckpt_dir / "best.pt")
-        training.log_model(vae, (torch.zeros(2, 3, vae.image_size, vae.image_size),))
+            score = epochs.run(epoch, loader)
+            best = checkpoints.save(model, optimiser, epoch, score, best)
+        training.log_epoch({"best_val_loss": best}, int(cfg.train_vae.epochs) - 1)
+        vae = load_module(VAE, checkpoints.best_path)
+        tracking.log_model(vae, (torch.zeros(2, 3, vae.image_size, vae.image_size),))
         return run.info.run_id
+
+
+def _model(cfg: DictConfig, device: torch.device) -> tuple[VAE, training.Optimiser, int, float]:
+    """V (in the memory layout asked for), its optimiser, and where training starts (resumed or not)."""
+    layout = torch.channels_last if cfg.train_vae.channels_last else torch.contiguous_format
+    model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
+    optimiser = training.Optimiser(model, float(cfg.train_vae.lr))
+    start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
+    return model, optimiser, start_epoch, best
+
+
+def _training_data(
+    cfg: DictConfig, dataset: Path, device: torch.device
+) -> tuple[ShuffledFrameBatches, DataLoader]:
+    hp = cfg.train_vae
+    train = ShuffledFrameBatches(dataset, int(hp.batch_size), "train", int(hp.buffer_frames), int(cfg.seed))
+    if train.frames < hp.batch_size:
+        raise WorldModelError(
+            f"train_vae.batch_size={hp.batch_size} is larger than the {train.frames} "
+            "training frames of the dataset"
+        )
+    loader = DataLoader(
+        train,
+        batch_size=None,
+        num_workers=int(hp.num_workers),
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
+    return train, loader
+
+
+def _checked_validation_frames(dataset: Path, limit: int, hint: str) -> np.ndarray:
+    with training.reading(dataset, hint):
+        frames = _validation_frames(dataset, limit)
+    if frames.min() == frames.max():  # a VAE would learn one colour and report success
+        raise WorldModelError(
+            f"{dataset}: all {len(frames)} validation frames are the one value {frames.min()}: "
+            "the env rendered nothing; check env.frames and env.crop, then collect again"
+        )
+    return frames
+
+
+class Epochs:
+    """One epoch of V: a training pass, a validation pass, the metrics and the reconstruction grid."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: VAE,
+        optimiser: training.Optimiser,
+        device: torch.device,
+        val_frames: np.ndarray,
+        reading: Callable[[], AbstractContextManager],
+    ) -> None:
+        hp = cfg.train_vae
+        self.model, self.optimiser, self.device, self.val_frames = model, optimiser, device, val_frames
+        self.epochs, self.kl_tolerance, self.batch_size = (
+            int(hp.epochs),
+            float(hp.kl_tolerance),
+            int(hp.batch_size),
+        )
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=hp.precision == "bf16")
+        self.grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
+        self.reading = reading
+
+    def run(self, epoch: int, loader: DataLoader) -> float:
+        """Train and validate once; log the epoch. Returns the validation loss."""
+        self.model.train()
+        batches = progress_bar(loader, desc=f"train_vae {epoch + 1}/{self.epochs}", unit="batch", leave=False)
+        t0, self.frames = time.perf_counter(), 0
+        with self.reading():
+            train = training.data_pass(batches, self._train_loss, self.optimiser, f"epoch {epoch}", STAGE)
+        elapsed = time.perf_counter() - t0
+        val = evaluate(self.model, self.val_frames, self.device, self.kl_tolerance, self.batch_size)
+        metrics = {f"train/{k}": v for k, v in train.items()}
+        metrics |= {"val/loss": val[0], "val/recon": val[1], "val/kl": val[2]}
+        metrics["train/frames_per_s"] = self.frames / elapsed
+        training.require_finite(val[0], f"the validation loss of epoch {epoch}", STAGE)
+        training.log_epoch(metrics, epoch)
+        # An image series: the run page shows it with a step slider over the epochs.
+        grid_image = reconstruction_grid(self.model, self.grid, self.device)
+        mlflow.log_image(grid_image, key="reconstructions", step=epoch, synchronous=True)
+        log.info(
+            "train_vae epoch %d: train %.1f, val %.1f (recon %.1f, kl %.1f), %.0f frames/s",
+            *(epoch, metrics["train/loss"], val[0], val[1], val[2], metrics["train/frames_per_s"]),
+        )
+        return float(val[0])
+
+    def _train_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        x = to_input(batch.to(self.device, non_blocking=True))  # uint8 travels, floats on the device
+        with self.autocast:
+            recon, mu, logvar = self.model(x)
+        out = vae_loss(x, recon.float(), mu.float(), logvar.float(), self.kl_tolerance)
+        self.frames += len(x)
+        return out.loss, _parts(out, len(x))
+
+
+def _parts(out: VAELoss, n: int) -> dict[str, tuple[float, float]]:
+    return {"loss": (out.loss.item(), n), "recon": (out.recon.item(), n), "kl": (out.kl.item(), n)}
 
 
 def _validation_frames(dataset, limit: int) -> np.ndarray:
@@ -175,13 +207,15 @@ def evaluate(
     model.eval()
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)
-    sums = np.zeros(3)
-    for i in range(0, len(frames), batch_size):
+
+    def loss_of(i: int) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
         x = to_input(torch.from_numpy(frames[i : i + batch_size]).to(device))
         out = vae_loss(x, *model(x), kl_tolerance)
-        sums += np.array([out.loss.item(), out.recon.item(), out.kl.item()]) * len(x)
+        return out.loss, _parts(out, len(x))
+
+    means = training.data_pass(range(0, len(frames), batch_size), loss_of, None, "validation", STAGE)
     torch.set_rng_state(generator_state)
-    return sums / len(frames)
+    return np.array([means["loss"], means["recon"], means["kl"]])
 
 
 @torch.no_grad()

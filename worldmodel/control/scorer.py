@@ -8,24 +8,19 @@ on the worker count.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel import tracking
-from worldmodel.agent import Agent, Rollout, load_rnn, load_vae, play, worker_inference
-from worldmodel.envs import make_env
-from worldmodel.images import save_gif
+from worldmodel.control.agent import Agent, Rollout, load_rnn, load_vae, play, worker_inference
+from worldmodel.envs.pixels import make_env
 from worldmodel.models.controller import Controller
-from worldmodel.parallel import Pool, make_pool
-from worldmodel.progress import progress_bar
+from worldmodel.parallel.pool import Pool, make_pool
 from worldmodel.seeds import EVAL, seed_of
+from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -155,78 +150,3 @@ def eval_seeds(cfg: DictConfig, episodes: int) -> list[int]:
 def eval_steps(cfg: DictConfig) -> int:
     """Evaluation episodes run to the env's full length unless `evaluate.max_steps` says otherwise."""
     return int(cfg.evaluate.max_steps or cfg.env.episode_steps)
-
-
-@dataclass
-class Evaluation:
-    seeds: list[int]
-    scores: np.ndarray
-    steps: np.ndarray
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        s = self.scores
-        return {
-            "eval/score_mean": float(s.mean()),
-            "eval/score_std": float(s.std()),
-            "eval/score_min": float(s.min()),
-            "eval/score_median": float(np.median(s)),
-            "eval/score_max": float(s.max()),
-            "eval/episodes": float(len(s)),
-        }
-
-
-def evaluate(
-    scorer: RealScorer, params: np.ndarray, seeds: list[int], max_steps: int, gif_steps: int, fps: int
-) -> Evaluation:
-    """Score one controller on every track in `seeds` (full episodes, never cut short) and log to the
-    active run: the summary metrics, `scores.csv` (seed, score, steps), `score_histogram.png`, and GIFs
-    of the best and the worst track (real | reconstruction)."""
-    every = np.repeat(params[None], len(seeds), axis=0)
-    rollouts = scorer.run(every, seeds, max_steps, progress="evaluate")
-    result = Evaluation(
-        list(seeds), np.array([r.score for r in rollouts]), np.array([r.steps for r in rollouts])
-    )
-    mlflow.log_metrics(result.metrics)
-    with tracking.artifact("scores.csv") as path, open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["seed", "score", "steps"])
-        writer.writerows(zip(result.seeds, result.scores.round(3), result.steps, strict=True))
-    with tracking.artifact("score_histogram.png") as path:
-        _histogram(result.scores, path)
-    if gif_steps:
-        for name, i in (("best", int(result.scores.argmax())), ("worst", int(result.scores.argmin()))):
-            rollout = scorer.replay(every, list(seeds), i, max_steps, gif_steps)
-            if not np.isclose(rollout.score, result.scores[i]):
-                log.warning("the %s track replayed to %.1f, not %.1f", name, rollout.score, result.scores[i])
-            with tracking.artifact(f"gifs/{name}_track.gif") as path:
-                save_gif(rollout.frames, path, fps)
-    m = result.metrics
-    log.info(
-        "evaluation over %d unseen tracks: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
-        len(seeds),
-        m["eval/score_mean"],
-        m["eval/score_std"],
-        m["eval/score_min"],
-        m["eval/score_median"],
-        m["eval/score_max"],
-    )
-    return result
-
-
-def _histogram(scores: np.ndarray, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.hist(scores, bins=min(30, max(5, len(scores) // 3)), color="#3a7ca5", edgecolor="white")
-    ax.axvline(scores.mean(), color="#d1495b", label=f"mean {scores.mean():.0f} ± {scores.std():.0f}")
-    ax.set_xlabel("score")
-    ax.set_ylabel("tracks")
-    ax.set_title(f"{len(scores)} unseen tracks")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)

@@ -1,19 +1,14 @@
-"""A process pool that survives its workers: a worker that dies or hangs past `timeout` seconds is
-replaced and its task re-run on another, so a stage never hangs on one bad process. Task timeouts count
-from the moment a worker has finished `init` (loading models can take a while) and reported ready; a
-worker that is not ready after `start_timeout` seconds (default: the task timeout, at least 60 s, since
-a spawned process importing torch on a busy machine can take many seconds) is replaced.
+"""`backend=local`: a process pool that survives its workers. A worker that dies or hangs past
+`timeout` seconds is replaced and its task re-run on another, so a stage never hangs on one bad process.
+Task timeouts count from the moment a worker has finished `init` (loading models can take a while) and
+reported ready; a worker that is not ready after `start_timeout` seconds (default: the task timeout, at
+least 60 s, since a spawned process importing torch on a busy machine can take many seconds) is
+replaced.
 
 Workers end with their parent: each watches the parent's sentinel and exits as soon as the parent is
 gone, however it died (kill -9 included), so no orphan is left waiting on its task queue. They ignore
 Ctrl-C, which the parent handles for them. Each worker leads its own process group, and goes with that
 group: a process it started (VizDoom's engine runs as one) is killed with it, and never outlives it.
-
-Each worker runs `init(*init_args)` once (e.g. build an env and load models) and then
-`task(state, payload)` for every payload it is given. Functions must be importable (spawn).
-
-This is `backend=local`; `backend=ray` (`ray_pool.RayPool`) has the same interface on a Ray cluster,
-and `make_pool` builds whichever the config names.
 """
 
 from __future__ import annotations
@@ -30,10 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from worldmodel.errors import WorldModelError
+from worldmodel.parallel.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +48,6 @@ def _signals_held() -> Iterator[None]:
             signal.signal(s, handler)
         for s in caught:
             os.kill(os.getpid(), s)
-
-
-class Pool:
-    """What both backends' pools share: `imap_unordered` and `close` are theirs, the rest is here."""
-
-    def imap_unordered(self, payloads: Sequence[Any]) -> Iterator[tuple[int, Any]]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def map(self, payloads: Sequence[Any]) -> list[Any]:
-        """Results in the order of `payloads`."""
-        done = dict(self.imap_unordered(payloads))
-        return [done[i] for i in range(len(payloads))]
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def backend_settings(backend: DictConfig) -> DictConfig:
-    """A backend config (conf/backend) without `name`, which only tags the runs: `_target_` and the
-    keyword arguments of its pool class."""
-    return OmegaConf.masked_copy(backend, [k for k in backend if k != "name"])
-
-
-def make_pool(
-    backend: DictConfig,
-    workers: int | None,
-    init: Callable,
-    init_args: tuple,
-    task: Callable,
-    timeout: float,
-    most: int | None = None,
-) -> Pool:
-    """The worker pool that `backend` names, with its own settings: `WorkerPool` here, or `RayPool`
-    with the same interface."""
-    cls = instantiate(backend_settings(backend), _partial_=True)  # settings bound, nothing built yet
-    return cls(workers, init, init_args, task, timeout=timeout, most=most)
 
 
 def _exit_with_parent() -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from worldmodel.errors import WorldModelError, one_line
-from worldmodel.parallel import Pool
+from worldmodel.parallel.pool import Pool
 
 log = logging.getLogger(__name__)
 

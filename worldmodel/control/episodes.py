@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from worldmodel.control.policies import make_policy
 from worldmodel.data.rollouts import Episode, pack
-from worldmodel.envs import PixelEnv, make_env
-from worldmodel.policies import make_policy
+from worldmodel.envs.pixels import PixelEnv, make_env
 
 _ENVS: dict[str, PixelEnv] = {}  # one env per process and env config, reused across episodes
 

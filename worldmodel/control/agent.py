@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from worldmodel.checkpoints import load_module
-from worldmodel.envs import ActionSpace, PixelEnv, action_space
+from worldmodel.envs.pixels import ActionSpace, PixelEnv, action_space
 from worldmodel.errors import WorldModelError
+from worldmodel.models.checkpoints import load_module
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
 from worldmodel.models.vae import VAE, to_frames, to_input

@@ -13,8 +13,7 @@ import numpy as np
 
 from worldmodel import tracking
 from worldmodel.errors import WorldModelError
-
-HISTORY = "cma/history.npz"
+from worldmodel.tracking.lineage import HISTORY
 
 
 def new_es(n_params: int, popsize: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:

@@ -143,7 +143,7 @@ def register_fast_env() -> str:
     if FAST_ID not in registry:
         register(
             id=FAST_ID,
-            entry_point="worldmodel.fast_carracing:FastCarRacing",
+            entry_point="worldmodel.envs.fast_carracing:FastCarRacing",
             max_episode_steps=1000,
             reward_threshold=900,
         )

@@ -153,7 +153,7 @@ class PixelObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
 def gym_env(cfg: DictConfig) -> PixelObservation:
     """The env of an env config as a gymnasium env of worldmodel's frames."""
     if cfg.get("fast_render", False):
-        from worldmodel.fast_carracing import register_fast_env
+        from worldmodel.envs.fast_carracing import register_fast_env
 
         return PixelObservation(gym.make(register_fast_env()), cfg)
     register(cfg)

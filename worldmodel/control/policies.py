@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from worldmodel.config import check, is_int, positive_int, positive_number
-from worldmodel.envs import ActionSpace, action_space
+from worldmodel.envs.pixels import ActionSpace, action_space
 from worldmodel.errors import WorldModelError
 
 
@@ -230,13 +230,13 @@ class ControllerPolicy(Policy):
         z: str = "mean",
     ) -> None:
         super().__init__(space, rng, name)
-        from worldmodel.agent import Agent, load_rnn, load_vae, worker_inference
+        from worldmodel.control.agent import Agent, load_rnn, load_vae, worker_inference
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
         import multiprocessing
 
-        from worldmodel.agent import single_core
+        from worldmodel.control.agent import single_core
 
         in_worker = multiprocessing.parent_process() is not None  # a collect worker: one core each
         # In the stage's own process, act with the worker's settings: the same numbers as a worker.
@@ -255,7 +255,7 @@ class ControllerPolicy(Policy):
         return ()
 
     def controller(self, rnn, paths: dict):
-        from worldmodel.agent import load_controller
+        from worldmodel.control.agent import load_controller
 
         return load_controller(paths["controller"], self.space)
 

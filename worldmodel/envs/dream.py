@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 from omegaconf import OmegaConf
 
-from worldmodel.envs import ActionSpace
+from worldmodel.envs.pixels import ActionSpace
 from worldmodel.models.mdnrnn import MDNRNN, sample_with_noise
 from worldmodel.models.vae import VAE, to_frames
 
@@ -124,23 +124,23 @@ def make_dream(
     VAE it was trained on, its env's actions, and first frames from its training episodes."""
     import mlflow
 
-    from worldmodel import training
-    from worldmodel.agent import load_rnn, load_vae
+    from worldmodel import tracking
+    from worldmodel.control.agent import load_rnn, load_vae
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     run = mlflow.get_run(run_id)
-    tags = run.data.tags
-    rnn = load_rnn(training.checkpoint_path(run_id))
-    vae = load_vae(training.checkpoint_path(tags["upstream.train_vae"]))
-    starts = training.first_frames(tags["upstream.encode"], rnn.latent) if initial_z == "real" else None
-    return DreamEnv(rnn, env_actions(tags["env"]), starts, vae, **settings)
+    rnn = load_rnn(tracking.checkpoint_path(run_id))
+    vae = load_vae(tracking.checkpoint_path(tracking.upstream_run(run, "train_vae").info.run_id))
+    encode_id = tracking.upstream_run(run, "encode").info.run_id
+    starts = tracking.first_frames(encode_id, rnn.latent) if initial_z == "real" else None
+    return DreamEnv(rnn, env_actions(run.data.tags["env"]), starts, vae, **settings)
 
 
 def env_actions(env_id: str) -> ActionSpace:
     """The action space of the env config (`conf/env/*.yaml`) whose gymnasium id is `env_id`."""
     from worldmodel.config import CONFIG_DIR
-    from worldmodel.envs import action_space
+    from worldmodel.envs.pixels import action_space
 
     for path in sorted(Path(CONFIG_DIR, "env").glob("*.yaml")):
         env = OmegaConf.load(path)
@@ -151,4 +151,4 @@ def env_actions(env_id: str) -> ActionSpace:
 
 def register() -> None:
     if ID not in gymnasium.registry:
-        gymnasium.register(ID, entry_point="worldmodel.dream_env:make_dream")
+        gymnasium.register(ID, entry_point="worldmodel.envs.dream:make_dream")

@@ -1,0 +1,25 @@
+"""What training V and M shares: the device, one epoch pass, checkpoints and resuming."""
+
+from worldmodel.training.device import pick_device
+from worldmodel.training.epochs import (
+    Checkpoints,
+    Optimiser,
+    Tally,
+    data_pass,
+    log_epoch,
+    reading,
+    require_finite,
+    restore,
+)
+
+__all__ = [
+    "Checkpoints",
+    "Optimiser",
+    "Tally",
+    "data_pass",
+    "log_epoch",
+    "pick_device",
+    "reading",
+    "require_finite",
+    "restore",
+]
