@@ -10,14 +10,18 @@ with the same script:  python tests/fingerprint.py <outputs dir> [<pipeline run 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +141,32 @@ def run_print(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def platform_key() -> str:
-    """What float results depend on: torch's build and the CPU's vector instructions."""
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+    """What float results depend on: torch's build, the CPU's vector instructions and torch's threads."""
+    cpu = f"{torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+    return f"torch {torch.__version__}, {cpu}, {fresh_threads()} threads"
+
+
+@functools.cache
+def fresh_threads() -> int:
+    """The intra-op threads torch starts with in a new process (a test may have changed this one's)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True
+    )
+    return int(out.stdout)
+
+
+@contextlib.contextmanager
+def fresh_torch() -> Iterator[None]:
+    """Torch's settings as a new process has them, for a while: what a stage computes in floats depends
+    on them (another test may have set one thread and no oneDNN, as a worker does)."""
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(fresh_threads())
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
 
 
 def fingerprint(outputs: Path, pipeline_id: str | None = None) -> dict[str, Any]:

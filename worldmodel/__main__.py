@@ -46,7 +46,7 @@ def app(cfg: DictConfig) -> float | None:
     try:
         hydra_cfg = HydraConfig.get()
         refuse_added_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())
-        return headline(str(cfg.stage.name), str(run_stage(cfg)))
+        return headline(str(cfg.stage.name), str(run_stage(cfg, hydra_cfg.overrides.task)))
     except WorldModelError as err:
         # Expected user-facing problems: one line, no traceback, non-zero exit.
         log.error("%s: %s", cfg.stage.name, err)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from worldmodel.config import settings
+from worldmodel.config.sections import Evolve
 from worldmodel.envs.pixels import ActionSpace, PixelEnv, action_space
 from worldmodel.errors import WorldModelError
 from worldmodel.models.checkpoints import load_module
@@ -75,7 +77,7 @@ def load_controller(path: Path | str, space: ActionSpace) -> Controller:
 def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
     """A new controller (all zeros) for M's latent and memory and the env's actions, shaped by the
     evolve settings (`evolve.inputs`, `hidden`, `clip_actions`)."""
-    hp, space = cfg.evolve, action_space(cfg.env)
+    hp, space = settings(cfg, Evolve), action_space(cfg.env)
     if rnn.action_dim != space.dim:
         raise WorldModelError(
             f"this MDN-RNN takes {rnn.action_dim}-d actions but env={cfg.env.name} has {space.dim}; "
@@ -85,12 +87,12 @@ def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
         rnn.latent,
         rnn.hidden,
         rnn.action_dim,
-        str(hp.inputs),
-        int(hp.hidden),
+        hp.inputs.value,
+        hp.hidden,
         low=space.low.tolist(),
         high=space.high.tolist(),
         discrete=space.kind == "discrete",
-        clip=list(hp.clip_actions) if space.kind == "box" else None,
+        clip=hp.clip_actions if space.kind == "box" else None,
     )
 
 

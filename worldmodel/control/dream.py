@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from worldmodel.config import settings
+from worldmodel.config.sections import DreamDone, Evolve
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN, Masks, sample_with_noise
 
@@ -141,15 +143,16 @@ class DreamSettings:
     def of(cls, cfg: DictConfig) -> DreamSettings:
         """evolve's dream; a dreamed done earns `evolve.done_reward`, or by default the env's
         `terminal_reward`."""
-        hp = cfg.evolve
+        hp = settings(cfg, Evolve)
         done_reward = cfg.env.get("terminal_reward", 0.0) if hp.done_reward is None else hp.done_reward
+        sample_done = hp.dream_done == DreamDone.sample
         return cls(
-            int(hp.max_steps),
-            float(hp.temperature),
-            float(hp.dream_dropout),
-            hp.dream_done == "sample",
+            hp.max_steps,
+            hp.temperature,
+            hp.dream_dropout,
+            sample_done,
             float(done_reward),
-            float(hp.done_threshold),
+            hp.done_threshold,
             str(cfg.agent.z),
         )
 

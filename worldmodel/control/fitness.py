@@ -8,6 +8,8 @@ from typing import Protocol
 import numpy as np
 from omegaconf import DictConfig
 
+from worldmodel.config import settings
+from worldmodel.config.sections import Evolve
 from worldmodel.control.dream import DreamSettings, dream_fitness
 from worldmodel.control.scorer import RealScorer
 from worldmodel.models.controller import Controller
@@ -26,8 +28,8 @@ class Fitness(Protocol):
 class RealFitness:
     """Returns in the real env: every candidate on every seed; rollouts stop early once stalled."""
 
-    def __init__(self, scorer: RealScorer, hp: DictConfig) -> None:
-        self.scorer, self.max_steps, self.stall_steps = scorer, int(hp.max_steps), int(hp.stall_steps)
+    def __init__(self, scorer: RealScorer, hp: Evolve) -> None:
+        self.scorer, self.max_steps, self.stall_steps = scorer, hp.max_steps, hp.stall_steps
 
     def __call__(self, solutions: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, dict[str, float]]:
         params = np.repeat(solutions, len(seeds), axis=0)
@@ -58,9 +60,9 @@ class DreamFitness:
         scorer: RealScorer,
     ) -> None:
         self.rnn, self.controller, self.starts, self.scorer = rnn, controller, starts, scorer
-        self.settings = DreamSettings.of(cfg)
-        self.seed, self.every = int(cfg.seed), int(cfg.evolve.real_check_every)
-        self.check_rollouts, self.max_steps = int(cfg.evolve.real_check_rollouts), int(cfg.evolve.max_steps)
+        self.settings, hp = DreamSettings.of(cfg), settings(cfg, Evolve)
+        self.seed, self.every = int(cfg.seed), hp.real_check_every
+        self.check_rollouts, self.max_steps = hp.real_check_rollouts, hp.max_steps
         self.top_fitness = np.nan
 
     def dream(self, solutions: np.ndarray, seeds: list[int]) -> np.ndarray:

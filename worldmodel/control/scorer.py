@@ -124,8 +124,8 @@ class RealScorer:
 
 
 def real_scorer(cfg: DictConfig, section: str, paths: dict[str, str], controller_hparams: dict) -> RealScorer:
-    """A scorer for the stage whose `section` sets the workers and envs per worker (evolve, evaluate),
-    with the agent reading z as `agent.z` says."""
+    """A scorer for the stage whose `section` sets the workers, envs per worker and timeout (evolve,
+    evaluate), with the agent reading z as `agent.z` says."""
     hp = cfg[section]
     return RealScorer(
         cfg.backend,
@@ -134,7 +134,7 @@ def real_scorer(cfg: DictConfig, section: str, paths: dict[str, str], controller
         paths,
         cfg.env,
         controller_hparams,
-        float(cfg.evolve.rollout_timeout),
+        float(hp.rollout_timeout),
         str(cfg.agent.z),
     )
 

@@ -179,60 +179,24 @@ def _attr(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+DTYPES = {
+    "images": np.uint8,
+    "actions": np.float32,
+    "rewards": np.float32,
+    "dones": np.bool_,
+    "lengths": np.int32,
+    "episode": np.int64,
+}
+SPLITS = ("split/train", "split/val")  # a merged dataset's episode indices
+
+
 def inspect(path: Path, merged: bool = False) -> RolloutInfo:
     """Open a rollouts file and check its schema, dtypes and shapes (and, for a `merged` dataset, its
     train/validation split); a one-line error otherwise."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != SCHEMA:
-                raise WorldModelError(
-                    f"{path}: not a worldmodel rollouts file (schema attribute "
-                    f"{f.attrs.get('schema')!r}); remove it or point at another run"
-                )
-            if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
-                raise WorldModelError(
-                    f"{path}: rollouts schema version {f.attrs.get('schema_version')}, "
-                    f"this worldmodel reads {SCHEMA_VERSION}; re-collect it"
-                )
-            expected = {
-                "images": np.uint8,
-                "actions": np.float32,
-                "rewards": np.float32,
-                "dones": np.bool_,
-                "lengths": np.int32,
-                "episode": np.int64,
-            }
-            for name, dtype in expected.items():
-                if name not in f:
-                    raise WorldModelError(
-                        f"{path}: dataset '{name}' is missing; the file is not a complete "
-                        "rollouts file; re-collect it"
-                    )
-                if f[name].dtype != dtype:
-                    raise WorldModelError(
-                        f"{path}: dataset '{name}' has dtype {f[name].dtype}, expected {np.dtype(dtype)}"
-                    )
-            e, t, h, w, c = f["images"].shape
-            size = int(f.attrs.get("image_size", -1))
-            if (h, w, c) != (size, size, 3):
-                raise WorldModelError(f"{path}: images are {h}×{w}×{c}, attribute image_size says {size}")
-            a = f["actions"].shape[-1]
-            for name, shape in {
-                "actions": (e, t, a),
-                "rewards": (e, t),
-                "dones": (e, t),
-                "lengths": (e,),
-                "episode": (e,),
-            }.items():
-                if f[name].shape != shape:
-                    raise WorldModelError(
-                        f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}"
-                    )
-            for name in ("split/train", "split/val") if merged else ():
-                if name not in f:
-                    raise WorldModelError(f"{path}: dataset '{name}' is missing; it is not a merged dataset")
-            for name in (*expected, *(("split/train", "split/val") if merged else ())):
-                check_stored(Path(path), f[name])
+            _check_schema(f, path)
+            e, t, size, a = _check_datasets(f, path, merged)
             # Touch the last chunk of every dataset: a truncated file fails here, not halfway through a copy.
             for name in ("images", "actions", "rewards", "dones"):
                 if e:
@@ -246,6 +210,49 @@ def inspect(path: Path, merged: bool = False) -> RolloutInfo:
             f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]}); "
             "it is corrupt or truncated: delete it and re-run the stage that made it"
         ) from err
+
+
+def _check_schema(f: h5py.File, path: Path) -> None:
+    if f.attrs.get("schema") != SCHEMA:
+        raise WorldModelError(
+            f"{path}: not a worldmodel rollouts file (schema attribute "
+            f"{f.attrs.get('schema')!r}); remove it or point at another run"
+        )
+    if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+        raise WorldModelError(
+            f"{path}: rollouts schema version {f.attrs.get('schema_version')}, "
+            f"this worldmodel reads {SCHEMA_VERSION}; re-collect it"
+        )
+
+
+def _check_datasets(f: h5py.File, path: Path, merged: bool) -> tuple[int, int, int, int]:
+    """Every dataset present, of its dtype and shape, and stored whole. Returns the episodes, steps,
+    image size and action size."""
+    for name, dtype in DTYPES.items():
+        if name not in f:
+            raise WorldModelError(
+                f"{path}: dataset '{name}' is missing; the file is not a complete rollouts file; "
+                "re-collect it"
+            )
+        if f[name].dtype != dtype:
+            raise WorldModelError(
+                f"{path}: dataset '{name}' has dtype {f[name].dtype}, expected {np.dtype(dtype)}"
+            )
+    e, t, h, w, c = f["images"].shape
+    size = int(f.attrs.get("image_size", -1))
+    if (h, w, c) != (size, size, 3):
+        raise WorldModelError(f"{path}: images are {h}×{w}×{c}, attribute image_size says {size}")
+    a = f["actions"].shape[-1]
+    shapes = {"actions": (e, t, a), "rewards": (e, t), "dones": (e, t), "lengths": (e,), "episode": (e,)}
+    for name, shape in shapes.items():
+        if f[name].shape != shape:
+            raise WorldModelError(f"{path}: dataset '{name}' has shape {f[name].shape}, expected {shape}")
+    for name in SPLITS if merged else ():
+        if name not in f:
+            raise WorldModelError(f"{path}: dataset '{name}' is missing; it is not a merged dataset")
+    for name in (*DTYPES, *(SPLITS if merged else ())):
+        check_stored(Path(path), f[name])
+    return e, t, size, a
 
 
 def verify(path: Path, hint: str, progress: Callable[[int], None] = lambda n: None) -> None:

@@ -8,11 +8,14 @@ Each worker runs `init(*init_args)` once (e.g. build an env and load models) and
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from worldmodel.errors import WorldModelError
 
 
 class Pool:
@@ -55,3 +58,17 @@ def make_pool(
     with the same interface."""
     cls = instantiate(backend_settings(backend), _partial_=True)  # settings bound, nothing built yet
     return cls(workers, init, init_args, task, timeout=timeout, most=most)
+
+
+def check_backend(backend: DictConfig) -> None:
+    """The backend's pool class imports, and says whether what it needs is there (its `check`)."""
+    module, _, name = str(backend._target_).rpartition(".")
+    try:  # not hydra's get_class, which logs a traceback of its own
+        pool = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise WorldModelError(
+            f"config key 'backend._target_' must name a worker pool class (got {backend._target_!r})"
+        ) from err
+    settings = OmegaConf.to_container(backend_settings(backend))
+    settings.pop("_target_")
+    getattr(pool, "check", lambda **_: None)(**settings)

@@ -23,7 +23,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import files, tracking
-from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.config import check, settings
+from worldmodel.config.sections import Collect
 from worldmodel.control import policies
 from worldmodel.control.episodes import episode_task, init_worker, run_episode
 from worldmodel.data import rollouts
@@ -38,15 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    positive_int(cfg, "collect.episodes", "collect.max_steps", "collect.episodes_per_shard")
-    positive_number(cfg, "collect.episode_timeout")
-    check(
-        cfg,
-        "collect.workers",
-        lambda v: v is None or (is_int(v) and v > 0),
-        "null (all cores) or a positive integer",
-    )
-    check(cfg, "collect.reset_on_done", lambda v: isinstance(v, bool), "true or false")
+    settings(cfg, Collect)
     policies.validate(cfg)
     from worldmodel.models.vae import SIZES  # the frames are for the VAE: refuse a size it cannot take
 
@@ -69,32 +62,33 @@ def run(cfg: DictConfig) -> str:
         may_change=["collect.workers"],
         repairable=True,
     ) as run:
+        hp = settings(cfg, Collect)
         out = tracking.OutputDir(lineage.SHARDS)
-        todo = _todo(cfg, run.info.run_id, out)
+        todo = _todo(cfg, hp, run.info.run_id, out)
         if not todo:
             log.info("collect: every shard of run %s is present and reads back whole", run.info.run_id)
             return run.info.run_id
         # Frames compress 3-4× (CarRacing 3.6×); room for a third of the raw frames, before any work.
         frame_bytes = int(cfg.env.image_size) ** 2 * 3
-        files.check_room(out.path, len(todo) * int(cfg.collect.max_steps) * frame_bytes // 3, "collect")
+        files.check_room(out.path, len(todo) * hp.max_steps * frame_bytes // 3, "collect")
         shards = ShardWriter(
             out.path,
-            int(cfg.collect.episodes_per_shard),
-            int(cfg.collect.episodes),
-            int(cfg.collect.max_steps),
+            hp.episodes_per_shard,
+            hp.episodes,
+            hp.max_steps,
             int(cfg.env.image_size),
-            _shard_attrs(cfg, run.info.run_id),
+            _shard_attrs(cfg, hp, run.info.run_id),
             on_complete=out.publish,
         )
         start = time.perf_counter()
-        returns, samples = _collect(cfg, todo, shards)
-        _log_results(cfg, len(todo), returns, samples, time.perf_counter() - start, run.info.run_id)
+        returns, samples = _collect(cfg, hp, todo, shards)
+        _log_results(hp, len(todo), returns, samples, time.perf_counter() - start, run.info.run_id)
         return run.info.run_id
 
 
-def _todo(cfg: DictConfig, run_id: str, out: tracking.OutputDir) -> list[int]:
+def _todo(cfg: DictConfig, hp: Collect, run_id: str, out: tracking.OutputDir) -> list[int]:
     """The episodes still to collect: those of the shards not already complete."""
-    episodes, per_shard = int(cfg.collect.episodes), int(cfg.collect.episodes_per_shard)
+    episodes, per_shard = hp.episodes, hp.episodes_per_shard
     n_shards = -(-episodes // per_shard)
     done = _complete_shards(run_id, n_shards, out)
     todo = [
@@ -105,31 +99,33 @@ def _todo(cfg: DictConfig, run_id: str, out: tracking.OutputDir) -> list[int]:
     ]
     log.info(
         "collect: %d episodes × %d steps with %s workers on backend %s (%d shards already complete)",
-        *(len(todo), cfg.collect.max_steps, cfg.collect.workers or "all", cfg.backend.name, len(done)),
+        *(len(todo), hp.max_steps, hp.workers or "all", cfg.backend.name, len(done)),
     )
     return todo
 
 
-def _shard_attrs(cfg: DictConfig, run_id: str) -> dict:
+def _shard_attrs(cfg: DictConfig, hp: Collect, run_id: str) -> dict:
     return {
         "env_id": str(cfg.env.id),
         "image_size": int(cfg.env.image_size),
         "crop": ",".join(str(cfg.env.crop[k]) for k in ("top", "bottom", "left", "right")),
-        "max_steps": int(cfg.collect.max_steps),
-        "reset_on_done": bool(cfg.collect.reset_on_done),
+        "max_steps": hp.max_steps,
+        "reset_on_done": hp.reset_on_done,
         "policy": str(cfg.policy.name),
         "seed": int(cfg.seed),
         "run_id": run_id,
     }
 
 
-def _collect(cfg: DictConfig, todo: list[int], shards: ShardWriter) -> tuple[list[float], list[np.ndarray]]:
+def _collect(
+    cfg: DictConfig, hp: Collect, todo: list[int], shards: ShardWriter
+) -> tuple[list[float], list[np.ndarray]]:
     """Episodes into their shards as they come; their returns, and sample frames in episode order."""
     returns, samples, logged = [], {}, time.monotonic()
-    wanted, episodes = int(cfg.collect.mosaic_frames), int(cfg.collect.episodes)
+    wanted, episodes = hp.mosaic_frames, hp.episodes
     try:
         with progress_bar(total=len(todo), desc="collect", unit="ep") as bar:
-            for ep in _episodes(cfg, todo, cfg.collect.workers):  # workers None: every core
+            for ep in _episodes(cfg, todo, hp.workers, hp.episode_timeout):  # workers None: every core
                 shards.add(ep)
                 returns.append(ep.episode_return)
                 samples[ep.index] = _sample_frames(ep, wanted, episodes)
@@ -145,14 +141,14 @@ def _collect(cfg: DictConfig, todo: list[int], shards: ShardWriter) -> tuple[lis
 
 
 def _log_results(
-    cfg: DictConfig,
+    hp: Collect,
     collected: int,
     returns: list[float],
     samples: list[np.ndarray],
     elapsed: float,
     run_id: str,
 ) -> None:
-    episodes, steps = int(cfg.collect.episodes), int(cfg.collect.max_steps)
+    episodes, steps = hp.episodes, hp.max_steps
     frames = collected * steps
     metrics = {
         "episodes": float(episodes),
@@ -163,7 +159,7 @@ def _log_results(
         metrics |= {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
     mlflow.log_metrics(metrics)
     if samples:
-        mlflow.log_image(mosaic(samples[: cfg.collect.mosaic_frames]), "sample_frames.png")
+        mlflow.log_image(mosaic(samples[: hp.mosaic_frames]), "sample_frames.png")
     log.info(
         "collect: %d frames at %.0f frames/s, return %.1f ± %.1f → run %s",
         *(
@@ -270,7 +266,7 @@ def _complete_shards(run_id: str, n_shards: int, out: tracking.OutputDir) -> set
     return done
 
 
-def _episodes(cfg: DictConfig, indices: list[int], workers: int | None):
+def _episodes(cfg: DictConfig, indices: list[int], workers: int | None, timeout: float):
     """Episodes in completion order; from the backend's workers, or this process when workers is 1. A
     worker that dies or hangs (collect.episode_timeout) is replaced and its episode collected again."""
     if workers == 1 or len(indices) <= 1:
@@ -284,7 +280,7 @@ def _episodes(cfg: DictConfig, indices: list[int], workers: int | None):
         init_worker,
         (plain,),
         episode_task,
-        timeout=float(cfg.collect.episode_timeout),
+        timeout=timeout,
         most=len(indices),
     ) as pool:
         for _, episode in pool.imap_unordered(indices):

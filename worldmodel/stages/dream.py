@@ -26,7 +26,8 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import tracking
-from worldmodel.config import check, is_int, one_of, positive_int
+from worldmodel.config import settings
+from worldmodel.config.sections import Dream, DreamMode, Evolve
 from worldmodel.control import cma as cma_history
 from worldmodel.control import fidelity, policies
 from worldmodel.control.agent import controller_for, load_controller, load_rnn, load_vae
@@ -48,13 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    one_of(cfg, "dream.mode", ["replay", "free", "fidelity"])
-    positive_int(cfg, "dream.steps", "dream.episodes", "dream.fps")
-    positive_int(cfg, "dream.fidelity_dreams", "dream.fidelity_tracks", "dream.fidelity_block")
-    for key in ("dream.fidelity_random", "dream.fidelity_history"):
-        check(cfg, key, lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-    check(cfg, "dream.temperature", lambda v: v >= 0, "a number ≥ 0")
-    if cfg.dream.mode == "free" and not cfg.dream.use_controller:
+    dream = settings(cfg, Dream)
+    if dream.mode == DreamMode.free and not dream.use_controller:
         policies.validate(cfg)
 
 
@@ -65,16 +61,17 @@ def decode(vae: VAE, z: torch.Tensor) -> np.ndarray:
 
 
 def run(cfg: DictConfig) -> str:
+    dream = settings(cfg, Dream)
     compat = {"latent_size": str(cfg.latent.size)}
     world = tracking.resolve_world(cfg)
     encode_run = tracking.resolve_run(cfg, "encode", world.encode_id, {})
     vae = load_vae(tracking.checkpoint_path(world.vae_run.info.run_id))
     rnn = load_rnn(tracking.checkpoint_path(world.rnn_run.info.run_id))
     upstream = world.upstream
-    if cfg.dream.mode == "fidelity":
+    if dream.mode == DreamMode.fidelity:
         return _fidelity(cfg, world, rnn)
     controller = None
-    if cfg.dream.mode == "free" and cfg.dream.use_controller:
+    if dream.mode == DreamMode.free and dream.use_controller:
         evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, compat)
         controller = load_controller(tracking.agent_files(evolve_run)["controller"], action_space(cfg.env))
         upstream["evolve"] = evolve_run.info.run_id
@@ -83,7 +80,7 @@ def run(cfg: DictConfig) -> str:
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
         tracking.log_dataset(world.encode_id, lineage.LATENTS, "dream")
-        if cfg.dream.mode == "replay":
+        if dream.mode == DreamMode.replay:
             dataset, _ = dataset_of(tracking.upstream_run(encode_run, "merge").info.run_id)
             _replay(cfg, vae, rnn, lat_path, dataset)
         else:
@@ -98,25 +95,26 @@ def _held_out(lat_path) -> list[int]:
 
 @torch.inference_mode()
 def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset) -> None:
-    episodes = _held_out(lat_path)[: int(cfg.dream.episodes)]
+    dream = settings(cfg, Dream)
+    episodes = _held_out(lat_path)[: dream.episodes]
     generator = torch.Generator().manual_seed(int(cfg.seed))
     errors = []
     with h5py.File(lat_path, "r") as lf, h5py.File(dataset, "r") as df:
         for k, e in enumerate(episodes):
-            steps = min(int(cfg.dream.steps), int(lf["lengths"][e]))
+            steps = min(dream.steps, int(lf["lengths"][e]))
             mu = torch.from_numpy(lf["mu"][e, :steps])
             actions = torch.from_numpy(lf["actions"][e, :steps])
             dreamed, z, state = [mu[0]], mu[:1], rnn.initial_state(1)
             for t in range(steps - 1):
                 out, state = rnn.step(z, actions[t : t + 1], state)
-                z = sample(out.mixture, float(cfg.dream.temperature), generator)
+                z = sample(out.mixture, dream.temperature, generator)
                 dreamed.append(z[0])
             dreamed = torch.stack(dreamed)
             errors.append((dreamed - mu).pow(2).mean(1).numpy())
             real = df["images"][e, :steps]
             panels = np.concatenate([real, decode(vae, mu), decode(vae, dreamed)], axis=2)
             with tracking.artifact(f"gifs/replay_{k:03d}.gif") as path:
-                save_gif(list(panels), path, int(cfg.dream.fps))
+                save_gif(list(panels), path, dream.fps)
     length = min(len(x) for x in errors)
     per_step = np.mean([x[:length] for x in errors], axis=0)
     for t, value in enumerate(per_step):
@@ -132,7 +130,8 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset) -> None:
 
 @torch.inference_mode()
 def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path) -> None:
-    n, steps, temperature = int(cfg.dream.episodes), int(cfg.dream.steps), float(cfg.dream.temperature)
+    dream = settings(cfg, Dream)
+    n, steps, temperature = dream.episodes, dream.steps, dream.temperature
     seeds = [seed_of(int(cfg.seed), DREAM, i) for i in range(n)]
     z0 = initial_latents(*latents.first_steps(lat_path, episodes_in(lat_path, "all")), seeds)
     if controller is not None:
@@ -152,7 +151,7 @@ def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path) -> None:
         visited = torch.stack(visited)
     for i in range(n):
         with tracking.artifact(f"gifs/free_{i:03d}.gif") as path:
-            save_gif(list(decode(vae, visited[:, i])), path, int(cfg.dream.fps))
+            save_gif(list(decode(vae, visited[:, i])), path, dream.fps)
     mlflow.log_metric("free/dream_return_mean", float(returns.mean()))
     log.info(
         "dream free: %d dreams of up to %d steps, predicted return %.1f", n, steps, float(returns.mean())
@@ -212,7 +211,8 @@ def _named_controllers(cfg: DictConfig, world: tracking.World) -> dict[str, tupl
 def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> dict[str, np.ndarray]:
     """CMA-ES's mean after `dream.fidelity_history` generations spread over the run (none without a
     history): controllers of every quality the run went through."""
-    wanted, params = int(cfg.dream.fidelity_history), run.data.params
+    dream = settings(cfg, Dream)
+    wanted, params = dream.fidelity_history, run.data.params
     if not wanted or cma_history.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
         return {}
     popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
@@ -227,11 +227,13 @@ def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> d
 def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Controller, dict[str, np.ndarray]]]:
     """Groups of (controller shape, {name: parameters}): the probes and random candidates take the first
     named controller's shape (or evolve's), and a named run joins them when its shape is the same."""
+    dream = settings(cfg, Dream)
+    evolve = settings(cfg, Evolve)
     base = next(iter(named.values()), (controller_for(cfg, rnn), {}))[0]
     rng = np.random.default_rng(seed_of(int(cfg.seed), FIDELITY, 2))
     first = fidelity.probes(base)
-    for i in range(int(cfg.dream.fidelity_random)):
-        first[f"random {i}"] = rng.normal(0, float(cfg.evolve.sigma0), base.n_params).astype(np.float32)
+    for i in range(dream.fidelity_random):
+        first[f"random {i}"] = rng.normal(0, evolve.sigma0, base.n_params).astype(np.float32)
     groups = [(base, first)]
     for controller, candidates in named.values():
         if controller.hparams == base.hparams:
@@ -245,20 +247,21 @@ def _score(
     cfg: DictConfig, world: tracking.World, rnn, controller: Controller, candidates: dict
 ) -> list[dict]:
     """Each candidate's dreamed and real returns: the same dream seeds and the same tracks for all."""
+    dream = settings(cfg, Dream)
+    evolve = settings(cfg, Evolve)
     params = np.stack(list(candidates.values()))
-    hp = cfg.dream
-    dream_seeds = [seed_of(int(cfg.seed), FIDELITY, 1, r) for r in range(int(hp.fidelity_dreams))]
+    dream_seeds = [seed_of(int(cfg.seed), FIDELITY, 1, r) for r in range(dream.fidelity_dreams)]
     dreams = dream_returns(
         rnn, controller, params, dream_seeds, world.dream_starts(cfg), DreamSettings.of(cfg)
     )
-    tracks = [seed_of(int(cfg.seed), FIDELITY, 0, r) for r in range(int(hp.fidelity_tracks))]
+    tracks = [seed_of(int(cfg.seed), FIDELITY, 0, r) for r in range(dream.fidelity_tracks)]
     files = {
         k: str(tracking.checkpoint_path(r.info.run_id))
         for k, r in (("vae", world.vae_run), ("rnn", world.rnn_run))
     }
     with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
         every = np.repeat(params, len(tracks), axis=0)
-        rollouts = scorer.run(every, tracks * len(params), int(cfg.evolve.max_steps), progress="fidelity")
+        rollouts = scorer.run(every, tracks * len(params), evolve.max_steps, progress="fidelity")
     real = np.array([r.score for r in rollouts]).reshape(len(params), len(tracks))
     return [
         {
@@ -281,6 +284,7 @@ def _write_csv(name: str, rows: list[dict]) -> None:
 
 def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
     """M's reward head, teacher-forced over the held-out episodes, per `dream.fidelity_block` steps."""
+    dream = settings(cfg, Dream)
     path = tracking.artifact_path(world.encode_id, lineage.LATENTS)
     data = latents.read(path, np.asarray(_held_out(path)[:64]))  # enough for a per-block mean
     steps = int(data["lengths"].min())
@@ -290,7 +294,7 @@ def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
         generator = torch.Generator().manual_seed(seed_of(int(cfg.seed), FIDELITY, 3))
         z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
     tensors = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
-    block = min(int(cfg.dream.fidelity_block), steps)
+    block = min(dream.fidelity_block, steps)
     blocks = fidelity.reward_blocks(rnn, z, *tensors, block, DreamSettings.of(cfg).done_reward)
     rows = []
     for k in range(len(blocks.mse)):

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import files, tracking, training
-from worldmodel.config import positive_int
+from worldmodel.config import settings
+from worldmodel.config.sections import Encode
 from worldmodel.control.agent import load_vae
 from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    positive_int(cfg, "encode.batch_size")
+    settings(cfg, Encode)
 
 
 def run(cfg: DictConfig) -> str:
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> str:
             f = latents.create(partial, info.episodes, info.steps, vae.latent, info.action_dim, attrs)
             try:
                 with training.reading(dataset, hint), h5py.File(dataset, "r") as src:
-                    frames = _encode(vae, src, f, int(cfg.encode.batch_size), device)
+                    frames = _encode(vae, src, f, settings(cfg, Encode).batch_size, device)
             finally:
                 f.close()
         out.publish(out / lineage.LATENTS)

@@ -23,26 +23,25 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import tracking
-from worldmodel.config import check, is_int, positive_int
+from worldmodel.config import positive_int, settings
+from worldmodel.config.sections import Evaluate
 from worldmodel.control.agent import AgentStep, load_controller, load_rnn, load_vae
 from worldmodel.control.scorer import RealScorer, eval_seeds, eval_steps, real_scorer
 from worldmodel.envs.pixels import action_space
 from worldmodel.images import save_gif
+from worldmodel.tracking import lineage
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"  # the alias of the best agent of an env, on evaluate's standard evaluation
 
 
 def validate(cfg: DictConfig) -> None:
-    positive_int(cfg, "evaluate.episodes", "evaluate.envs_per_worker", "env.episode_steps")
-    check(cfg, "evaluate.gif_steps", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-    check(cfg, "evaluate.register", lambda v: isinstance(v, bool), "true or false")
-    for key in ("evaluate.max_steps", "evaluate.workers"):
-        check(cfg, key, lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer")
+    settings(cfg, Evaluate)
+    positive_int(cfg, "env.episode_steps")
 
 
 def run(cfg: DictConfig) -> str:
-    hp = cfg.evaluate
+    hp = settings(cfg, Evaluate)
     evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
     tracking.check_agent_z(cfg, evolve_run)
     files = tracking.agent_files(evolve_run)
@@ -56,8 +55,8 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         with real_scorer(cfg, "evaluate", files, controller.hparams) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
-            seeds = eval_seeds(cfg, int(hp.episodes))
-            result = report(scorer, params, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
+            seeds = eval_seeds(cfg, hp.episodes)
+            result = report(scorer, params, seeds, eval_steps(cfg), hp.gif_steps, int(cfg.dream.fps))
         if hp.register:
             register_agent(cfg, files, controller, result.metrics["eval/score_mean"])
         return run.info.run_id
@@ -125,11 +124,11 @@ def report(
         list(seeds), np.array([r.score for r in rollouts]), np.array([r.steps for r in rollouts])
     )
     mlflow.log_metrics(result.metrics)
-    with tracking.artifact("scores.csv") as path, open(path, "w", newline="") as f:
+    with tracking.artifact(lineage.SCORES) as path, open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "score", "steps"])
         writer.writerows(zip(result.seeds, result.scores.round(3), result.steps, strict=True))
-    with tracking.artifact("score_histogram.png") as path:
+    with tracking.artifact(lineage.HISTOGRAM) as path:
         _histogram(result.scores, path)
     if gif_steps:
         _gifs(scorer, every, list(seeds), result.scores, max_steps, gif_steps, fps)

@@ -39,7 +39,8 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import tracking, training
-from worldmodel.config import check, is_int, one_of, positive_int, positive_number
+from worldmodel.config import check, is_int, settings
+from worldmodel.config.sections import Evolve, Mode, Select
 from worldmodel.control import cma as cma_history
 from worldmodel.control.agent import controller_for, load_rnn, standardisation
 from worldmodel.control.fitness import DreamFitness, Fitness, RealFitness
@@ -57,45 +58,17 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    one_of(cfg, "evolve.mode", ["real", "dream"])
-    one_of(cfg, "evolve.inputs", ["zh", "z", "zhc"])
-    one_of(cfg, "evolve.initial_z", ["real", "normal"])
-    one_of(cfg, "evolve.dream_done", ["threshold", "sample"])
-    check(cfg, "evolve.done_threshold", lambda v: 0 < v < 1, "a probability in (0, 1)")
-    one_of(cfg, "evolve.select", ["best", "mean"])
+    settings(cfg, Evolve)
     check(
         cfg,
         "evolve.clip_actions",
         lambda v: all(is_int(d) and 0 <= d < len(cfg.env.action.get("low", [])) for d in v),
         "a list of box action dimensions (CarRacing's brake: [2])",
     )
-    check(cfg, "evolve.done_reward", lambda v: v is None or isinstance(v, int | float), "null or a number")
-    check(cfg, "evolve.normalize", lambda v: isinstance(v, bool), "true or false")
-    positive_int(
-        cfg,
-        "evolve.rollouts",
-        "evolve.generations",
-        "evolve.max_steps",
-        "evolve.real_check_rollouts",
-        "evolve.gif_steps",
-        "evolve.envs_per_worker",
-    )
-    check(cfg, "evolve.popsize", lambda v: is_int(v) and v >= 2, "an integer ≥ 2")
-    positive_number(cfg, "evolve.sigma0", "evolve.rollout_timeout")
-    for key in ("evolve.hidden", "evolve.real_check_every", "evolve.eval_episodes", "evolve.stall_steps"):
-        check(cfg, key, lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-    check(cfg, "evolve.temperature", lambda v: v >= 0, "a number ≥ 0")
-    check(cfg, "evolve.dream_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    check(
-        cfg,
-        "evolve.workers",
-        lambda v: v is None or (is_int(v) and v > 0),
-        "null (all cores) or a positive integer",
-    )
 
 
 def run(cfg: DictConfig) -> str:
-    hp = cfg.evolve
+    hp = settings(cfg, Evolve)
     world = tracking.resolve_world(cfg)
     files = {
         "vae": str(tracking.checkpoint_path(world.vae_run.info.run_id)),
@@ -109,7 +82,7 @@ def run(cfg: DictConfig) -> str:
     tracking.check_agent_z(cfg, world.rnn_run)
     tags = {
         "latent_size": str(cfg.latent.size),
-        "mode": str(hp.mode),
+        "mode": hp.mode.value,
         "controller_params": str(controller.n_params),
     }
     with tracking.stage_run(
@@ -122,13 +95,13 @@ def run(cfg: DictConfig) -> str:
         may_change=["evolve.generations", "evolve.workers", "evolve.eval_episodes"],
     ) as run:
         if hp.normalize:
-            controller = _standardised(controller, cfg, files)
+            controller = _standardised(controller, cfg, hp, files)
         scorer = real_scorer(cfg, "evolve", files, controller.hparams)
         try:
-            chosen = _search(cfg, _fitness(cfg, world, rnn, controller, scorer), controller)
-            if int(hp.eval_episodes):  # the same evaluation as stage=evaluate, on its unseen tracks
-                seeds = eval_seeds(cfg, int(hp.eval_episodes))
-                report(scorer, chosen, seeds, eval_steps(cfg), int(hp.gif_steps), int(cfg.dream.fps))
+            chosen = _search(cfg, hp, _fitness(cfg, hp, world, rnn, controller, scorer), controller)
+            if hp.eval_episodes:  # the same evaluation as stage=evaluate, on its unseen tracks
+                seeds = eval_seeds(cfg, hp.eval_episodes)
+                report(scorer, chosen, seeds, eval_steps(cfg), hp.gif_steps, int(cfg.dream.fps))
         finally:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()
@@ -136,30 +109,34 @@ def run(cfg: DictConfig) -> str:
 
 
 def _fitness(
-    cfg: DictConfig, world: tracking.World, rnn: MDNRNN, controller: Controller, scorer: RealScorer
+    cfg: DictConfig,
+    hp: Evolve,
+    world: tracking.World,
+    rnn: MDNRNN,
+    controller: Controller,
+    scorer: RealScorer,
 ) -> Fitness:
     """The real env's returns, or M's dream (on `device`) from real first frames or z ~ N(0, I)."""
-    if cfg.evolve.mode == "real":
-        return RealFitness(scorer, cfg.evolve)
+    if hp.mode == Mode.real:
+        return RealFitness(scorer, hp)
     starts = world.dream_starts(cfg)
     if starts[0] is not None:  # dreams start from real first frames
         tracking.log_dataset(world.encode_id, lineage.LATENTS, "dream starts")
     return DreamFitness(*_on_device(cfg, rnn, controller), starts, cfg, scorer)
 
 
-def _search(cfg: DictConfig, fitness: Fitness, controller: Controller) -> np.ndarray:
+def _search(cfg: DictConfig, hp: Evolve, fitness: Fitness, controller: Controller) -> np.ndarray:
     """CMA-ES on `fitness` for `evolve.generations` (resumed where an interrupted run stopped), its
     history kept after each generation; saves and returns the controller it keeps."""
-    hp = cfg.evolve
-    es, best, history = _cma_state(cfg, controller.n_params)
-    for gen in progress_bar(range(es.countiter, int(hp.generations)), desc="evolve", unit="gen"):
+    es, best, history = _cma_state(cfg, hp, controller.n_params)
+    for gen in progress_bar(range(es.countiter, hp.generations), desc="evolve", unit="gen"):
         asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
         solutions = np.asarray(asked, dtype=np.float32)
-        seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(int(hp.rollouts))]
+        seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(hp.rollouts)]
         t0 = time.perf_counter()
         scores, metrics = fitness(solutions, seeds)
         elapsed = time.perf_counter() - t0
-        _check_fitness(scores, gen, str(hp.mode))
+        _check_fitness(scores, gen, hp.mode)
         es.tell(asked, list(-scores))  # cma minimises
         best = _keep_best(best, solutions, scores, gen)
         metrics |= {
@@ -167,7 +144,7 @@ def _search(cfg: DictConfig, fitness: Fitness, controller: Controller) -> np.nda
             "fitness/mean": scores.mean(),
             "fitness/worst": scores.min(),
             "cma/sigma": es.sigma,
-            "rollouts_per_s": scores.size * int(hp.rollouts) / elapsed,
+            "rollouts_per_s": scores.size * hp.rollouts / elapsed,
         }
         metrics |= fitness.check(gen, _kept(es, best, hp), solutions[int(np.argmax(scores))], seeds)
         training.log_epoch(metrics, gen)
@@ -184,7 +161,7 @@ def _search(cfg: DictConfig, fitness: Fitness, controller: Controller) -> np.nda
     chosen = _kept(es, best, hp)
     controller.set_flat(torch.from_numpy(chosen))
     out = tracking.OutputDir()
-    extra = {"fitness": best["fitness"], "generation": best["generation"], "select": str(hp.select)}
+    extra = {"fitness": best["fitness"], "generation": best["generation"], "select": hp.select.value}
     save_checkpoint(out / lineage.CONTROLLER, controller, **extra)
     out.publish(out / lineage.CONTROLLER)
     mlflow.log_metric("best_fitness", best["fitness"])
@@ -216,22 +193,23 @@ def _check_fitness(fitness: np.ndarray, gen: int, mode: str) -> None:
         )
 
 
-def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: DictConfig) -> np.ndarray:
+def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: Evolve) -> np.ndarray:
     """The controller evolve keeps: the candidate with the highest fitness seen (select=best), or CMA-ES's
     mean (select=mean), which averages out the luck of single noisy rollouts."""
-    return best["params"] if hp.select == "best" else np.asarray(es.mean, dtype=np.float32)
+    return best["params"] if hp.select == Select.best else np.asarray(es.mean, dtype=np.float32)
 
 
-def _cma_state(cfg: DictConfig, n_params: int) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
+def _cma_state(
+    cfg: DictConfig, hp: Evolve, n_params: int
+) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
-    hp = cfg.evolve
-    es = cma_history.new_es(n_params, int(hp.popsize), float(hp.sigma0), int(cfg.seed) + 1)
+    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, int(cfg.seed) + 1)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
     if not cfg.inputs.resume or lineage.HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
         return es, best, history
-    for gen, solutions, fitness, digest in cma_history.replay(es, cfg.inputs.resume, int(hp.popsize)):
+    for gen, solutions, fitness, digest in cma_history.replay(es, cfg.inputs.resume, hp.popsize):
         best = _keep_best(best, solutions, fitness, gen)
         history["fitness"].append(fitness)
         history["digest"].append(digest)
@@ -246,16 +224,15 @@ def _keep_best(best: dict, solutions: np.ndarray, fitness: np.ndarray, gen: int)
     return {"fitness": float(fitness[top]), "params": solutions[top].copy(), "generation": gen}
 
 
-def _standardised(controller: Controller, cfg: DictConfig, files: dict[str, str]) -> Controller:
+def _standardised(controller: Controller, cfg: DictConfig, hp: Evolve, files: dict[str, str]) -> Controller:
     """`controller` with its inputs standardised by their mean and std along popsize real rollouts of
     candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
     see. Seeded, so a resumed run computes the same statistics."""
-    hp = cfg.evolve
     rng = np.random.default_rng(seed_of(int(cfg.seed), NORM))
-    params = rng.normal(0.0, float(hp.sigma0), (int(hp.popsize), controller.n_params)).astype(np.float32)
+    params = rng.normal(0.0, hp.sigma0, (hp.popsize, controller.n_params)).astype(np.float32)
     seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
     with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
-        rollouts = scorer.run(params, seeds, int(hp.max_steps), int(hp.stall_steps))
+        rollouts = scorer.run(params, seeds, hp.max_steps, hp.stall_steps)
     tally = np.sum([ro.inputs for ro in rollouts], axis=0)
     mlflow.log_metric("normalize/steps", int(tally[0]))
     mean, std = standardisation(tally)

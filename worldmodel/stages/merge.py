@@ -18,7 +18,8 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, ListConfig
 
 from worldmodel import files, tracking
-from worldmodel.config import check, is_int, positive_int
+from worldmodel.config import settings
+from worldmodel.config.sections import Merge
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
@@ -29,11 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
-    check(
-        cfg, "merge.val_fraction", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"
-    )
-    positive_int(cfg, "merge.chunk_frames")
-    check(cfg, "merge.compression_level", lambda v: is_int(v) and 0 <= v <= 9, "an integer in [0, 9]")
+    settings(cfg, Merge)
 
 
 def collect_run_ids(cfg: DictConfig) -> list[str | None]:
@@ -86,6 +83,7 @@ def run(cfg: DictConfig) -> str:
     infos, owners = _verified_shards(sources)  # everything, before anything is written
     upstream = {"collect": ",".join(ids)}
     tags = {"image_size": str(cfg.env.image_size)}
+    hp = settings(cfg, Merge)
     with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
         for rid in ids:
             tracking.log_dataset(rid, lineage.SHARDS, "merge")
@@ -99,10 +97,10 @@ def run(cfg: DictConfig) -> str:
                 infos,
                 owners,
                 out / lineage.DATASET,
-                float(cfg.merge.val_fraction),
+                hp.val_fraction,
                 int(cfg.seed),
-                int(cfg.merge.chunk_frames),
-                int(cfg.merge.compression_level),
+                hp.chunk_frames,
+                hp.compression_level,
                 bar.update,
             )
         metrics["mb_per_s"] = metrics["bytes"] / 2**20 / (time.perf_counter() - start)

@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel import tracking
-from worldmodel.config import check, is_int
+from worldmodel.config import settings
+from worldmodel.config.sections import Dream, Play
 from worldmodel.control.agent import Agent, load_controller, load_rnn, load_vae
 from worldmodel.control.scorer import eval_seeds
 from worldmodel.envs.pixels import action_space, make_env
@@ -27,19 +28,19 @@ from worldmodel.errors import WorldModelError
 from worldmodel.images import save_gif
 from worldmodel.models.mdnrnn import sample_with_noise
 from worldmodel.models.vae import to_frames, to_input
+from worldmodel.tracking import lineage
 
 log = logging.getLogger(__name__)
-GIF = "play.gif"
 
 
 def validate(cfg: DictConfig) -> None:
-    check(cfg, "play.seed", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-    check(cfg, "play.gif_steps", lambda v: is_int(v) and v > 0, "a positive integer")
-    check(cfg, "play.max_steps", lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer")
+    settings(cfg, Play)
 
 
 def run(cfg: DictConfig) -> str:
-    evolve_id = _aliased(cfg) if cfg.play.agent else cfg.inputs.evolve
+    hp = settings(cfg, Play)
+    dream = settings(cfg, Dream)
+    evolve_id = _aliased(cfg) if hp.agent else cfg.inputs.evolve
     evolve_run = tracking.resolve_run(cfg, "evolve", evolve_id, {"latent_size": str(cfg.latent.size)})
     files = tracking.agent_files(evolve_run)
     z = evolve_run.data.params.get("agent.z", "mean")  # read z as the controller was trained to
@@ -49,24 +50,24 @@ def run(cfg: DictConfig) -> str:
         load_controller(files["controller"], action_space(cfg.env)),
         z=z,
     )
-    seed = eval_seeds(cfg, int(cfg.play.seed) + 1)[-1]
-    steps = int(cfg.play.max_steps or cfg.env.episode_steps)
+    seed = eval_seeds(cfg, hp.seed + 1)[-1]
+    steps = int(hp.max_steps or cfg.env.episode_steps)
     upstream = {"evolve": evolve_run.info.run_id}
     with tracking.stage_run(cfg, "play", ["play"], upstream) as run:
         env, window = make_env(cfg.env), _window(cfg)
         try:
-            score, frames = _episode(env, agent, seed, steps, int(cfg.play.gif_steps), window)
+            score, frames = _episode(env, agent, seed, steps, hp.gif_steps, window)
         finally:
             env.close()
-        with tracking.artifact(GIF) as path:
-            save_gif(frames, path, int(cfg.dream.fps))
+        with tracking.artifact(lineage.PLAY) as path:
+            save_gif(frames, path, dream.fps)
         mlflow.log_metrics({"score": score, "steps": float(len(frames))})
         log.info(
             "play: %.1f on track %d over %d steps → %s of run %s",
             score,
             seed,
             len(frames),
-            GIF,
+            lineage.PLAY,
             run.info.run_id,
         )
         return run.info.run_id
@@ -74,16 +75,17 @@ def run(cfg: DictConfig) -> str:
 
 def _aliased(cfg: DictConfig) -> str:
     """The evolve run behind an alias of the registered agent (`play.agent=champion`)."""
+    hp = settings(cfg, Play)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     tracking.setup(cfg)
     name = f"agent-{cfg.env.name}"
     try:
-        version = MlflowClient().get_model_version_by_alias(name, str(cfg.play.agent))
+        version = MlflowClient().get_model_version_by_alias(name, hp.agent)
     except MlflowException as err:
         raise WorldModelError(
-            f"play.agent={cfg.play.agent}: no such alias of {name} in {tracking.tracking_uri(cfg)}; "
+            f"play.agent={hp.agent}: no such alias of {name} in {tracking.tracking_uri(cfg)}; "
             "run stage=evaluate first, or pass inputs.evolve=<run id>"
         ) from err
     return tracking.upstream(mlflow.get_run(version.run_id), "evolve")  # the evaluate run's controller
@@ -118,7 +120,8 @@ def _panels(agent: Agent, frame: np.ndarray, action: np.ndarray, state) -> np.nd
 
 def _window(cfg: DictConfig):
     """A function that shows a frame in a window (pygame, which gymnasium's box2d brings), or None."""
-    if not cfg.play.window or not os.environ.get("DISPLAY"):
+    hp = settings(cfg, Play)
+    if not hp.window or not os.environ.get("DISPLAY"):
         return None
     import pygame
 

@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from worldmodel import tracking, training
-from worldmodel.config import check, positive_int, positive_number
+from worldmodel.config import settings
+from worldmodel.config.sections import TrainRNN
 from worldmodel.data import latents
 from worldmodel.data.buffer import EpisodeBuffer
 from worldmodel.data.datasets import episodes_in
@@ -41,20 +42,15 @@ STAGE = "train_rnn"
 
 
 def validate(cfg: DictConfig) -> None:
-    positive_int(
-        cfg,
-        "train_rnn.epochs",
-        "train_rnn.batch_size",
-        "train_rnn.seq_len",
-        "train_rnn.hidden",
-        "train_rnn.mixtures",
-        "train_rnn.buffer_episodes",
-    )
-    positive_number(cfg, "train_rnn.lr", "train_rnn.grad_clip")
-    for key in ("train_rnn.reward_weight", "train_rnn.done_weight"):
-        check(cfg, key, lambda v: v >= 0, "a number ≥ 0")
-    positive_number(cfg, "train_rnn.done_pos_weight")
-    check(cfg, "train_rnn.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _settings(cfg)
+
+
+def _settings(cfg: DictConfig) -> TrainRNN:
+    """train_rnn's settings, and the loss's settings from other sections: how z is read (agent.z) and
+    the env's terminal reward."""
+    hp = settings(cfg, TrainRNN)
+    hp.z_kind, hp.terminal_reward = str(cfg.agent.z), cfg.env.get("terminal_reward")
+    return hp
 
 
 def windows(data: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
@@ -97,14 +93,13 @@ def batch_tensors(
 def batch_loss(
     model: MDNRNN,
     w: dict[str, np.ndarray],
-    cfg: DictConfig,
+    hp: TrainRNN,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], MDNLoss]:
     """The batch of windows `w` and the model's loss on it; in training with dropout, one mask pair per
     window, drawn from `generator`."""
-    hp = cfg.train_rnn
-    b = batch_tensors(w, generator, device, str(cfg.agent.z))
+    b = batch_tensors(w, generator, device, hp.z_kind)
     masks = None
     if model.training and model.dropout > 0:
         masks = tuple(m.to(device) for m in model.dropout_masks(len(b["z"]), model.dropout, generator))
@@ -114,11 +109,11 @@ def batch_loss(
         b["next_z"],
         b["rewards"],
         b["dones"],
-        float(hp.reward_weight),
-        float(hp.done_weight),
+        hp.reward_weight,
+        hp.done_weight,
         b["mask"],
         model.done_pos_weight,
-        failures(b, cfg.env.get("terminal_reward")),
+        failures(b, hp.terminal_reward),
     )
     return b, loss
 
@@ -144,7 +139,7 @@ def training_batches(
     path: Path,
     train: np.ndarray,
     lengths: np.ndarray,
-    hp: DictConfig,
+    hp: TrainRNN,
     rng: np.random.Generator,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of batches. When every training episode fits in the buffer, it is filled once, in
@@ -153,7 +148,7 @@ def training_batches(
     episodes as they stream in (shuffled) and samples as many windows as they hold: sampling starts
     once it is full and keeps pace with the stream after that (a resumed run refills it, so it samples
     differently from an uninterrupted one)."""
-    span, size = int(hp.seq_len) + 1, int(hp.batch_size)
+    span, size = hp.seq_len + 1, hp.batch_size
     if buffer.capacity >= len(train):
         if buffer.size < len(train):
             for episode, length in _episodes(path, train):
@@ -188,35 +183,39 @@ class _Baseline:
         return float((0.5 * torch.log(2 * math.pi * var) + 0.5).mean())
 
 
-def _validation_windows(path: Path, episodes: np.ndarray, hp: DictConfig) -> Iterator[dict[str, np.ndarray]]:
+def _validation_windows(path: Path, episodes: np.ndarray, hp: TrainRNN) -> Iterator[dict[str, np.ndarray]]:
     """The held-out episodes' windows in order, `buffer_episodes` episodes read at a time."""
-    span, size = int(hp.seq_len) + 1, int(hp.batch_size)
-    for data in latents.stream(path, episodes, int(hp.buffer_episodes)):
-        index = windows(data, int(hp.seq_len))
+    span, size = hp.seq_len + 1, hp.batch_size
+    for data in latents.stream(path, episodes, hp.buffer_episodes):
+        index = windows(data, hp.seq_len)
         for i in range(0, len(index), size):
             yield gather(data, index[i : i + size], span)
 
 
 @torch.no_grad()
 def evaluate(
-    model: MDNRNN, path: Path, episodes: np.ndarray, cfg: DictConfig, device: torch.device
+    model: MDNRNN,
+    path: Path,
+    episodes: np.ndarray,
+    hp: TrainRNN,
+    seed: int,
+    latent: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Validation losses, the NLL per unmasked step (the reward and done losses per window), and the
     baseline's NLL on the same pairs."""
     model.eval()
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    baseline = _Baseline(int(cfg.latent.size))
+    generator = torch.Generator().manual_seed(seed)
+    baseline = _Baseline(latent)
 
     def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-        b, loss = batch_loss(model, w, cfg, generator, device)
+        b, loss = batch_loss(model, w, hp, generator, device)
         baseline.add(b)
         k = len(b["z"])
         parts = {"nll": (loss.nll.item(), float(b["mask"].sum())), "reward_loss": (loss.reward.item(), k)}
         return loss.loss, parts | {"done_loss": (loss.done.item(), k)}
 
-    val = training.data_pass(
-        _validation_windows(path, episodes, cfg.train_rnn), loss_of, None, "validation", STAGE
-    )
+    val = training.data_pass(_validation_windows(path, episodes, hp), loss_of, None, "validation", STAGE)
     return {f"val/{k}": v for k, v in val.items()} | {"val/baseline_nll": baseline.nll()}
 
 
@@ -224,7 +223,8 @@ def run(cfg: DictConfig) -> str:
     compat = {"latent_size": str(cfg.latent.size)}
     encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
     path = tracking.artifact_path(encode.info.run_id, lineage.LATENTS)
-    info, train, val = _episodes_of(path, cfg)
+    hp = _settings(cfg)
+    info, train, val = _episodes_of(path, int(cfg.latent.size), hp.seq_len)
     device = training.pick_device(cfg)
     upstream = {"encode": encode.info.run_id, "train_vae": tracking.upstream(encode, "train_vae")}
     with tracking.stage_run(
@@ -238,14 +238,14 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         tracking.log_dataset(encode.info.run_id, lineage.LATENTS, "training")
         torch.manual_seed(cfg.seed)
-        model = _model(cfg, info.action_dim, device)
-        optimiser = training.Optimiser(model, float(cfg.train_rnn.lr), float(cfg.train_rnn.grad_clip))
+        model = _model(hp, int(cfg.latent.size), info.action_dim, device)
+        optimiser = training.Optimiser(model, hp.lr, hp.grad_clip)
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
-        epochs = Epochs(cfg, model, optimiser, device, path, info, train, val)
+        epochs = Epochs(cfg, hp, model, optimiser, device, path, info, train, val)
         checkpoints = training.Checkpoints()
-        for epoch in range(start_epoch, int(cfg.train_rnn.epochs)):
+        for epoch in range(start_epoch, hp.epochs):
             best = checkpoints.save(model, optimiser, epoch, epochs.run(epoch), best)
-        training.log_epoch({"best_val_nll": best}, int(cfg.train_rnn.epochs) - 1)
+        training.log_epoch({"best_val_nll": best}, hp.epochs - 1)
         rnn = load_module(MDNRNN, checkpoints.best_path)
         h, c = rnn.initial_state(2)  # a batch of 1 would be exported as a fixed size
         examples = (torch.zeros(2, rnn.latent), torch.zeros(2, rnn.action_dim), h[0], c[0])
@@ -253,31 +253,22 @@ def run(cfg: DictConfig) -> str:
         return run.info.run_id
 
 
-def _episodes_of(path: Path, cfg: DictConfig) -> tuple[latents.LatentsInfo, np.ndarray, np.ndarray]:
+def _episodes_of(path: Path, latent: int, seq_len: int) -> tuple[latents.LatentsInfo, np.ndarray, np.ndarray]:
     """The latents file's layout, and its training and validation episodes (checked against seq_len)."""
-    info = latents.inspect(path, int(cfg.latent.size))
+    info = latents.inspect(path, latent)
     train, val = episodes_in(path, "train"), episodes_in(path, "val")
     if len(val) == 0:
         val = train  # a dataset without a validation split: report on the training episodes
     longest = int(info.lengths[train].max())
-    if longest <= int(cfg.train_rnn.seq_len):
+    if longest <= seq_len:
         raise WorldModelError(
-            f"train_rnn.seq_len={cfg.train_rnn.seq_len} is not shorter than the episodes ({longest} steps); "
-            "lower it"
+            f"train_rnn.seq_len={seq_len} is not shorter than the episodes ({longest} steps); lower it"
         )
     return info, train, val
 
 
-def _model(cfg: DictConfig, action_dim: int, device: torch.device) -> MDNRNN:
-    hp = cfg.train_rnn
-    return MDNRNN(
-        int(cfg.latent.size),
-        action_dim,
-        int(hp.hidden),
-        int(hp.mixtures),
-        float(hp.dropout),
-        float(hp.done_pos_weight),
-    ).to(device)
+def _model(hp: TrainRNN, latent: int, action_dim: int, device: torch.device) -> MDNRNN:
+    return MDNRNN(latent, action_dim, hp.hidden, hp.mixtures, hp.dropout, hp.done_pos_weight).to(device)
 
 
 class Epochs:
@@ -286,6 +277,7 @@ class Epochs:
     def __init__(
         self,
         cfg: DictConfig,
+        hp: TrainRNN,
         model: MDNRNN,
         optimiser: training.Optimiser,
         device: torch.device,
@@ -294,16 +286,17 @@ class Epochs:
         train: np.ndarray,
         val: np.ndarray,
     ) -> None:
-        self.cfg, self.model, self.optimiser, self.device = cfg, model, optimiser, device
+        self.hp, self.model, self.optimiser, self.device = hp, model, optimiser, device
+        self.seed, self.latent = int(cfg.seed), int(cfg.latent.size)
         self.path, self.info, self.train, self.val = path, info, train, val
-        self.total_windows = int((info.lengths[train] // (int(cfg.train_rnn.seq_len) + 1)).sum())
-        self.buffer = EpisodeBuffer(int(cfg.train_rnn.buffer_episodes))
+        self.total_windows = int((info.lengths[train] // (hp.seq_len + 1)).sum())
+        self.buffer = EpisodeBuffer(hp.buffer_episodes)
 
     def run(self, epoch: int) -> float:
         """Train and validate once; log the epoch. Returns the validation NLL."""
-        hp = self.cfg.train_rnn
+        hp = self.hp
         self.model.train()
-        rng = np.random.default_rng([int(self.cfg.seed), epoch])
+        rng = np.random.default_rng([self.seed, epoch])
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         batches = training_batches(self.buffer, self.path, self.train, self.info.lengths, hp, rng)
         t0, self.windows = time.perf_counter(), 0
@@ -314,9 +307,9 @@ class Epochs:
             train = training.data_pass(batches, loss_of, self.optimiser, f"epoch {epoch}", STAGE)
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": v for k, v in train.items()}
-        metrics |= evaluate(self.model, self.path, self.val, self.cfg, self.device)
+        metrics |= evaluate(self.model, self.path, self.val, hp, self.seed, self.latent, self.device)
         metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
-        metrics["train/steps_per_s"] = self.windows * int(hp.seq_len) / elapsed
+        metrics["train/steps_per_s"] = self.windows * hp.seq_len / elapsed
         training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)
         training.log_epoch(metrics, epoch)
         log.info(
@@ -328,7 +321,7 @@ class Epochs:
 
     def _train_loss(self, generator: torch.Generator, bar: tqdm) -> training.epochs.LossOf:
         def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-            b, loss = batch_loss(self.model, w, self.cfg, generator, self.device)
+            b, loss = batch_loss(self.model, w, self.hp, generator, self.device)
             k = len(b["z"])
             self.windows += k
             bar.update(k)

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from worldmodel import tracking, training
-from worldmodel.config import check, is_int, one_of, positive_int, positive_number
+from worldmodel.config import check, settings
+from worldmodel.config.sections import TrainVAE
 from worldmodel.data.datasets import ShuffledFrameBatches, episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
@@ -37,19 +38,7 @@ STAGE = "train_vae"
 
 
 def validate(cfg: DictConfig) -> None:
-    positive_int(
-        cfg,
-        "train_vae.epochs",
-        "train_vae.batch_size",
-        "train_vae.buffer_frames",
-        "train_vae.val_frames",
-        "train_vae.grid_frames",
-    )
-    positive_number(cfg, "train_vae.lr")
-    check(cfg, "train_vae.kl_tolerance", lambda v: v >= 0, "a number ≥ 0")
-    check(cfg, "train_vae.num_workers", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-    one_of(cfg, "train_vae.precision", ["fp32", "bf16"])
-    check(cfg, "train_vae.channels_last", lambda v: isinstance(v, bool), "true or false")
+    settings(cfg, TrainVAE)
     check(cfg, "env.image_size", lambda v: v in SIZES, f"one of {list(SIZES)} for the VAE")
 
 
@@ -58,6 +47,7 @@ def run(cfg: DictConfig) -> str:
     dataset, _ = dataset_of(merge.info.run_id)
     device = training.pick_device(cfg)
     tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
+    hp = settings(cfg, TrainVAE)
     with tracking.stage_run(
         cfg,
         STAGE,
@@ -69,36 +59,35 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         tracking.log_dataset(merge.info.run_id, lineage.DATASET, "training")
         torch.manual_seed(cfg.seed)
-        model, optimiser, start_epoch, best = _model(cfg, device)
-        train, loader = _training_data(cfg, dataset, device)
+        model, optimiser, start_epoch, best = _model(cfg, hp, device)
+        train, loader = _training_data(hp, dataset, int(cfg.seed), device)
         hint = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
-        val_frames = _checked_validation_frames(dataset, int(cfg.train_vae.val_frames), hint)
-        epochs = Epochs(cfg, model, optimiser, device, val_frames, lambda: training.reading(dataset, hint))
+        val_frames = _checked_validation_frames(dataset, hp.val_frames, hint)
+        epochs = Epochs(hp, model, optimiser, device, val_frames, lambda: training.reading(dataset, hint))
         checkpoints = training.Checkpoints()
-        for epoch in range(start_epoch, int(cfg.train_vae.epochs)):
+        for epoch in range(start_epoch, hp.epochs):
             train.set_epoch(epoch)
             score = epochs.run(epoch, loader)
             best = checkpoints.save(model, optimiser, epoch, score, best)
-        training.log_epoch({"best_val_loss": best}, int(cfg.train_vae.epochs) - 1)
+        training.log_epoch({"best_val_loss": best}, hp.epochs - 1)
         vae = load_module(VAE, checkpoints.best_path)
         tracking.log_model(vae, (torch.zeros(2, 3, vae.image_size, vae.image_size),))
         return run.info.run_id
 
 
-def _model(cfg: DictConfig, device: torch.device) -> tuple[VAE, training.Optimiser, int, float]:
+def _model(cfg: DictConfig, hp: TrainVAE, device: torch.device) -> tuple[VAE, training.Optimiser, int, float]:
     """V (in the memory layout asked for), its optimiser, and where training starts (resumed or not)."""
-    layout = torch.channels_last if cfg.train_vae.channels_last else torch.contiguous_format
+    layout = torch.channels_last if hp.channels_last else torch.contiguous_format
     model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
-    optimiser = training.Optimiser(model, float(cfg.train_vae.lr))
+    optimiser = training.Optimiser(model, hp.lr)
     start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
     return model, optimiser, start_epoch, best
 
 
 def _training_data(
-    cfg: DictConfig, dataset: Path, device: torch.device
+    hp: TrainVAE, dataset: Path, seed: int, device: torch.device
 ) -> tuple[ShuffledFrameBatches, DataLoader]:
-    hp = cfg.train_vae
-    train = ShuffledFrameBatches(dataset, int(hp.batch_size), "train", int(hp.buffer_frames), int(cfg.seed))
+    train = ShuffledFrameBatches(dataset, hp.batch_size, "train", hp.buffer_frames, seed)
     if train.frames < hp.batch_size:
         raise WorldModelError(
             f"train_vae.batch_size={hp.batch_size} is larger than the {train.frames} "
@@ -107,7 +96,7 @@ def _training_data(
     loader = DataLoader(
         train,
         batch_size=None,
-        num_workers=int(hp.num_workers),
+        num_workers=hp.num_workers,
         persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
@@ -130,22 +119,21 @@ class Epochs:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        hp: TrainVAE,
         model: VAE,
         optimiser: training.Optimiser,
         device: torch.device,
         val_frames: np.ndarray,
         reading: Callable[[], AbstractContextManager],
     ) -> None:
-        hp = cfg.train_vae
         self.model, self.optimiser, self.device, self.val_frames = model, optimiser, device, val_frames
         self.epochs, self.kl_tolerance, self.batch_size = (
-            int(hp.epochs),
-            float(hp.kl_tolerance),
-            int(hp.batch_size),
+            hp.epochs,
+            hp.kl_tolerance,
+            hp.batch_size,
         )
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=hp.precision == "bf16")
-        self.grid = val_frames[np.linspace(0, len(val_frames) - 1, int(hp.grid_frames), dtype=int)]
+        self.grid = val_frames[np.linspace(0, len(val_frames) - 1, hp.grid_frames, dtype=int)]
         self.reading = reading
 
     def run(self, epoch: int, loader: DataLoader) -> float:

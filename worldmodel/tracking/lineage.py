@@ -15,7 +15,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from worldmodel.config import RESUMABLE
+from worldmodel.config import RESUMABLE, settings
+from worldmodel.config.sections import Evolve, InitialZ
 from worldmodel.errors import WorldModelError
 from worldmodel.models.checkpoints import load_checkpoint
 from worldmodel.tracking.artifacts import artifact_path
@@ -28,7 +29,9 @@ LATENTS = "latents.h5"  # encode
 CHECKPOINTS = "checkpoints"  # train_vae, train_rnn: checkpoints/best.pt and last.pt
 CONTROLLER = "controller.pt"  # evolve
 HISTORY = "cma/history.npz"  # evolve: CMA-ES's fitness history, for resume and the fidelity check
-REPORT = ("scores.csv", "score_histogram.png", "gifs/*.gif")  # evolve's final evaluation, evaluate
+SCORES, HISTOGRAM = "scores.csv", "score_histogram.png"  # evolve's final evaluation, evaluate
+REPORT = (SCORES, HISTOGRAM, "gifs/*.gif")
+PLAY = "play.gif"  # play
 
 # What each stage writes itself, relative to its artifact root (globs): the reaper removes the partial
 # files of exactly these names (files.partial_of), and no other file.
@@ -41,7 +44,7 @@ WRITES = {
     "evolve": (CONTROLLER, HISTORY, *REPORT),
     "evaluate": REPORT,
     "dream": ("gifs/*.gif", "fidelity/*.png", "fidelity/*.csv"),
-    "play": ("play.gif",),
+    "play": (PLAY,),
     "pipeline": (),
     "sweep": (),
 }
@@ -154,7 +157,7 @@ class World:
     def dream_starts(self, cfg: DictConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Where dreams start: the (mu, logvar) of the training episodes' first frames, or nothing
         (`evolve.initial_z=normal`: z ~ N(0, I), as `initial_latents` takes it)."""
-        if cfg.evolve.initial_z == "normal":
+        if settings(cfg, Evolve).initial_z == InitialZ.normal:
             return None, None
         return first_frames(self.encode_id, int(cfg.latent.size))
 

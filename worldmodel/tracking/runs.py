@@ -114,17 +114,8 @@ def stage_run(
     """Start (or resume) the MLflow run of one stage; end it FINISHED, FAILED or KILLED. A `repairable`
     stage may also reopen a FINISHED run (collect re-collects its missing or damaged shards)."""
     experiment_id = setup(cfg)
-    params = {k: str(v) for s in sections for k, v in flatten(cfg[s], prefix=f"{s}.").items()}
-    if "seed" in cfg:
-        params["seed"] = str(cfg.seed)
-    if resume:
-        try:
-            previous = mlflow.get_run(resume)
-        except MlflowException as err:
-            raise WorldModelError(f"inputs.resume={resume}: no such run in {tracking_uri(cfg)}") from err
-        _check_resume(previous, stage, params, may_change, repairable)
-        params = {k: v for k, v in params.items() if k not in previous.data.params}
-    else:
+    params = _params(cfg, sections, stage, resume, may_change, repairable)
+    if not resume:
         _reap_dead_runs(experiment_id, stage)
     nested = mlflow.active_run() is not None  # inside stage=pipeline: a child of the parent run
     uri = tracking_uri(cfg)  # a SQLite store shares its disk with the artifacts; hold room for its writes
@@ -138,31 +129,66 @@ def stage_run(
         log_system_metrics=bool(cfg.mlflow.system_metrics),
     )
     with run_status(reserve), _heartbeat(active.info.run_id):
-        all_tags = {
-            "stage": stage,
-            "env": str(cfg.env.id),
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "backend": str(cfg.backend.name),
-            **(tags or {}),
-        }
-        if cfg.mlflow.pipeline:
-            all_tags["pipeline"] = str(cfg.mlflow.pipeline)
-        if not nested and not resume and os.environ.get("WORLDMODEL_SWEEP_RUN"):  # a job of a sweep
-            all_tags["mlflow.parentRunId"] = os.environ["WORLDMODEL_SWEEP_RUN"]
-        if (commit := git_commit()) != "unknown":  # MLflow's own tag; it sets it only for a script's repo
-            all_tags["mlflow.source.git.commit"] = commit
-        all_tags |= upstream_tags(upstream or {})
-        mlflow.set_tags(all_tags)
+        mlflow.set_tags(_tags(cfg, stage, tags or {}, upstream or {}, own_parent=not nested and not resume))
         if params:
             mlflow.log_params(params)
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-        hydra_dir = _hydra_output_dir()
-        if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-            mlflow.log_artifacts(str(hydra_dir / ".hydra"), "config/hydra")
+        hydra_dir = _log_config(cfg)
         yield mlflow.get_run(active.info.run_id)
         if hydra_dir is not None and (hydra_dir / f"{stage}.log").is_file():
             mlflow.log_artifact(str(hydra_dir / f"{stage}.log"), "logs")
+
+
+def _params(
+    cfg: DictConfig,
+    sections: Sequence[str],
+    stage: str,
+    resume: str | None,
+    may_change: Sequence[str],
+    repairable: bool,
+) -> dict[str, str]:
+    """The sections' settings, flattened; for a resumed run, checked against its own and only the new."""
+    params = {k: str(v) for s in sections for k, v in flatten(cfg[s], prefix=f"{s}.").items()}
+    if "seed" in cfg:
+        params["seed"] = str(cfg.seed)
+    if not resume:
+        return params
+    try:
+        previous = mlflow.get_run(resume)
+    except MlflowException as err:
+        raise WorldModelError(f"inputs.resume={resume}: no such run in {tracking_uri(cfg)}") from err
+    _check_resume(previous, stage, params, may_change, repairable)
+    return {k: v for k, v in params.items() if k not in previous.data.params}
+
+
+def _tags(
+    cfg: DictConfig, stage: str, tags: dict[str, str], upstream: dict[str, str], own_parent: bool
+) -> dict[str, str]:
+    """What a run is, where it runs, and what it read. `own_parent`: a run that is not a pipeline's child
+    nor resumed, which a sweep's parent run adopts."""
+    all_tags = {
+        "stage": stage,
+        "env": str(cfg.env.id),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "backend": str(cfg.backend.name),
+        **tags,
+    }
+    if cfg.mlflow.pipeline:
+        all_tags["pipeline"] = str(cfg.mlflow.pipeline)
+    if own_parent and os.environ.get("WORLDMODEL_SWEEP_RUN"):  # a job of a sweep
+        all_tags["mlflow.parentRunId"] = os.environ["WORLDMODEL_SWEEP_RUN"]
+    if (commit := git_commit()) != "unknown":  # MLflow's own tag; it sets it only for a script's repo
+        all_tags["mlflow.source.git.commit"] = commit
+    return all_tags | upstream_tags(upstream)
+
+
+def _log_config(cfg: DictConfig) -> Path | None:
+    """The resolved config, and Hydra's `.hydra/` folder; returns Hydra's output folder, if any."""
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    hydra_dir = _hydra_output_dir()
+    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "config/hydra")
+    return hydra_dir
 
 
 HEARTBEAT_S = 30.0  # a RUNNING run whose heartbeat is older than 3 of these is taken for dead

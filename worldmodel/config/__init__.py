@@ -1,21 +1,21 @@
-"""Config helpers: the project root resolver, fail-fast validation, flattening for MLflow params."""
+"""Config helpers: the project root resolver, typed settings, fail-fast validation, flattening for MLflow
+params."""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 from collections.abc import Callable, Iterable
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.envs.pixels import register
 from worldmodel.errors import WorldModelError
-from worldmodel.parallel.pool import backend_settings
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # worldmodel/
 # In a clone (or an editable install) the configs are the repo's conf/, and runs write under the repo;
 # an installed wheel carries them inside the package (worldmodel/conf), and runs write under the
 # working directory.
@@ -50,6 +50,65 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ---- validation: one line naming the key, before any work starts -------------------------------
+
+
+Settings = TypeVar("Settings")
+
+
+def settings(cfg: DictConfig, cls: type[Settings]) -> Settings:
+    """The config section `cls.SECTION` as a `cls`, a dataclass: every key of its declared type (an int
+    where a float is declared becomes a float), choices as enums, ranges checked by the dataclass's
+    `__post_init__` (with `require`). An unknown, ill-typed or out-of-range key fails in one line that
+    names it, before any work starts."""
+    name = cls.SECTION
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg[name]))
+    except OmegaConfBaseException as err:
+        key = f"{name}.{err.key}" if err.key else name
+        if "not in" in str(err.msg):
+            raise WorldModelError(f"unknown config key '{key}'; see `--cfg job` for the keys") from err
+        raise WorldModelError(
+            f"config key '{key}' must be {_expected(cls, str(err.key))} (got {_get(cfg, key)!r})"
+        ) from err
+
+
+def _expected(cls: type, field: str) -> str:
+    kind = get_type_hints(cls).get(field)
+    nullable = type(None) in get_args(kind)
+    kind = next((k for k in get_args(kind) if k is not type(None)), kind)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        text = f"one of {[m.value for m in kind]}"
+    else:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        text = names.get(kind, f"a {getattr(kind, '__name__', kind)}")
+    return f"null or {text}" if nullable else text
+
+
+def require(section: object, ok: Callable[[Any], bool], expected: str, *fields: str) -> None:
+    """Each of `fields` of a settings dataclass passes `ok`, else one line naming its config key."""
+    for field in fields:
+        value = getattr(section, field)
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            shown = value.value if isinstance(value, Enum) else value
+            raise WorldModelError(
+                f"config key '{section.SECTION}.{field}' must be {expected} (got {shown!r})"
+            )
+
+
+def positive(v: float) -> bool:
+    return v > 0
+
+
+def at_least_zero(v: float) -> bool:
+    return v >= 0
+
+
+def null_or_positive(v: int | None) -> bool:
+    return v is None or v > 0
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -126,10 +185,8 @@ def validate_common(cfg: DictConfig) -> None:
     if cfg.env.get("fast_render"):  # the fast renderer leaves the dashboard rows black
         check(cfg, "env.crop.bottom", lambda v: v >= 12, "≥ 12 with env.fast_render=true (or set it false)")
     one_of(cfg, "env.action.kind", ["box", "discrete"])
-    register(cfg.env)  # an optional extra's env (env=doom) fails here, before any run is created
     one_of(cfg, "device.type", ["auto", "cpu", "cuda", "mps"])
     one_of(cfg, "agent.z", ["mean", "sample"])
-    _check_backend(cfg)
     for stage in (*STAGES, "resume"):
         check(
             cfg,
@@ -181,17 +238,3 @@ def refuse_added_keys(overrides: Iterable[str], groups: Iterable[str]) -> None:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else "; see `--cfg job` for the keys"
             raise WorldModelError(f"unknown config key '{key}' (from {o.input_line}){hint}")
-
-
-def _check_backend(cfg: DictConfig) -> None:
-    """The backend's pool class imports, and says whether what it needs is there (its `check`)."""
-    module, _, name = str(cfg.backend._target_).rpartition(".")
-    try:  # not hydra's get_class, which logs a traceback of its own
-        pool = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise WorldModelError(
-            f"config key 'backend._target_' must name a worker pool class (got {cfg.backend._target_!r})"
-        ) from err
-    settings = OmegaConf.to_container(backend_settings(cfg.backend))
-    settings.pop("_target_")
-    getattr(pool, "check", lambda **_: None)(**settings)
