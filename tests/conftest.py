@@ -121,3 +121,9 @@ def evolve_run(smoke: Compose, rnn_run: str) -> str:
     from worldmodel.stages import run_stage
 
     return run_stage(smoke("stage=evolve", f"inputs.train_rnn={rnn_run}"))
+
+
+def in_order(pool, payloads: list) -> list:
+    """A worker pool's results in the order of `payloads` (its `imap_unordered` yields (index, result))."""
+    done = dict(pool.imap_unordered(payloads))
+    return [done[i] for i in range(len(payloads))]

@@ -134,6 +134,55 @@ def test_help_lists_groups_and_a_clean_error_line(tmp_path):
     text = bad.stdout + bad.stderr
     assert "collect.episodes" in text and "Traceback" not in text
 
+    # A section the chosen stage does not read is validated too, when the command line sets it.
+    typo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worldmodel",
+            "stage=collect",
+            "evolve.mode=drem",
+            f"paths.outputs={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert typo.returncode == 2
+    lines = [line for line in (typo.stdout + typo.stderr).splitlines() if "evolve.mode" in line]
+    assert len(lines) == 1 and "one of ['real', 'dream'] (got 'drem')" in lines[0], typo.stderr[-1000:]
+    assert not (tmp_path / "mlflow.db").exists(), "no collect ran"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("evolve.mode=drem", "config key 'evolve.mode' must be one of ['real', 'dream'] (got 'drem')"),
+        ("train_vae.epochs=2.5", "config key 'train_vae.epochs' must be an integer (got 2.5)"),
+        ("train_rnn.dropout=1", "config key 'train_rnn.dropout' must be a number in [0, 1) (got 1.0)"),
+        ("evaluate.workers=0", "config key 'evaluate.workers' must be null or a positive integer (got 0)"),
+        ("dream.fps=abc", "config key 'dream.fps' must be an integer (got 'abc')"),
+    ],
+)
+def test_every_stage_section_given_is_validated_whichever_stage_runs(tmp_path, override, message):
+    cfg = compose_config("stage=merge", f"paths.outputs={tmp_path}", override)
+    with pytest.raises(WorldModelError) as err:
+        run_stage(cfg, overrides=["stage=merge", override])
+    assert str(err.value) == message
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
+
+
+def test_settings_are_typed_by_construction():
+    from worldmodel.config import settings
+    from worldmodel.config.sections import Evolve, Mode, TrainVAE
+
+    cfg = compose_config("train_vae.lr=1", "evolve.mode=dream", "evolve.workers=null")
+    vae, evolve = settings(cfg, TrainVAE), settings(cfg, Evolve)
+    assert isinstance(vae.lr, float) and vae.lr == 1.0, "an int where a float is declared is a float"
+    assert evolve.mode is Mode.dream and evolve.mode == "dream" and evolve.workers is None
+    assert isinstance(evolve.clip_actions, list) and isinstance(evolve.popsize, int)
+
 
 def _collect_sweep(tmp_path, *launcher: str) -> None:
     """Two collect jobs (seed=1,2) as one Hydra multirun with `launcher`; both logged to one store."""

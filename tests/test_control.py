@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import children_of
+from tests.conftest import children_of, in_order
 from worldmodel import tracking
 from worldmodel.control.agent import standardisation
 from worldmodel.control.dream import dream_rollouts, initial_latents
@@ -134,7 +134,7 @@ def _square_or_hang(marker_dir, payload):
 
 def test_worker_pool_replaces_a_hung_worker(tmp_path):
     with WorkerPool(2, _init, (str(tmp_path),), _square_or_hang, timeout=4) as pool:
-        assert pool.map(list(range(6))) == [0, 1, 4, 9, 16, 25]
+        assert in_order(pool, list(range(6))) == [0, 1, 4, 9, 16, 25]
         assert pool.replaced == 1
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import shard_arrays
+from tests.conftest import in_order, shard_arrays
 from worldmodel import tracking
 from worldmodel.stages import run_stage
 
@@ -117,7 +117,7 @@ def test_a_killed_ray_worker_is_restarted_and_its_task_retried(ray_head, tmp_pat
     from worldmodel.parallel.ray_pool import RayPool
 
     with RayPool(2, _init, (str(tmp_path),), _square_or_die, timeout=120) as pool:
-        results = pool.map(list(range(6)))
+        results = in_order(pool, list(range(6)))
     assert [r for r, _ in results] == [0, 1, 4, 9, 16, 25]
     assert (tmp_path / "died-once").exists(), "a worker was killed"
     assert ray.is_initialized() is False, "the pool disconnects the driver it connected"
@@ -135,7 +135,7 @@ def test_a_hung_ray_worker_is_killed_after_the_timeout_and_its_task_retried(ray_
     from worldmodel.parallel.ray_pool import RayPool
 
     with RayPool(2, _init, (str(tmp_path),), _sleep_once, timeout=5) as pool:
-        assert pool.map([0, 1, 2]) == [0, 1, 2]
+        assert in_order(pool, [0, 1, 2]) == [0, 1, 2]
         assert pool.replaced == 1
 
 

@@ -88,11 +88,7 @@ def require(section: object, ok: Callable[[Any], bool], expected: str, *fields: 
     """Each of `fields` of a settings dataclass passes `ok`, else one line naming its config key."""
     for field in fields:
         value = getattr(section, field)
-        try:
-            good = ok(value)
-        except (TypeError, ValueError):
-            good = False
-        if not good:
+        if not _passes(ok, value):
             shown = value.value if isinstance(value, Enum) else value
             raise WorldModelError(
                 f"config key '{section.SECTION}.{field}' must be {expected} (got {shown!r})"
@@ -118,13 +114,16 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+def _passes(ok: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(ok(value))
+    except (TypeError, ValueError):  # a value of the wrong type fails the check, not the program
+        return False
+
+
 def check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str) -> None:
     value = _get(cfg, key)
-    try:
-        good = ok(value)
-    except (TypeError, ValueError):
-        good = False
-    if not good:
+    if not _passes(ok, value):
         raise WorldModelError(f"config key '{key}' must be {expected} (got {value!r})")
 
 

@@ -1,4 +1,5 @@
-"""Torch datasets over a merged rollouts file (or a latents file, which shares its layout).
+"""Reading a merged rollouts file (or a latents file, which shares its layout) for training: its
+splits, and the shuffled frame batches train_vae learns from.
 
 The HDF5 file is opened lazily, once per process, so the datasets are safe with
 `DataLoader(num_workers>0)`: a handle is never pickled into a worker.
@@ -6,13 +7,13 @@ The HDF5 file is opened lazily, once per process, so the datasets are safe with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 
 def episodes_in(path: Path, split: str) -> np.ndarray:
@@ -36,51 +37,6 @@ class _LazyFile:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}
-
-
-class FrameDataset(_LazyFile, Dataset):
-    """Single frames as float32 (3, H, W) in [0, 1]. Random access: one chunk read per frame."""
-
-    def __init__(self, path: Path | str, split: str = "train") -> None:
-        super().__init__(path)
-        episodes = episodes_in(Path(path), split)
-        with h5py.File(path, "r") as f:
-            lengths = f["lengths"][:]
-        self.index = np.array([(e, t) for e in episodes for t in range(lengths[e])], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        e, t = self.index[i]
-        return torch.from_numpy(self.file["images"][e, t]).permute(2, 0, 1).float().div_(255)
-
-
-class SequenceDataset(_LazyFile, Dataset):
-    """Non-overlapping windows of `seq_len` steps from the chosen datasets, as tensors keyed by name."""
-
-    def __init__(
-        self,
-        path: Path | str,
-        seq_len: int,
-        split: str = "train",
-        keys: Sequence[str] = ("images", "actions", "rewards", "dones"),
-    ) -> None:
-        super().__init__(path)
-        self.seq_len, self.keys = seq_len, tuple(keys)
-        episodes = episodes_in(Path(path), split)
-        with h5py.File(path, "r") as f:
-            lengths = f["lengths"][:]
-        self.index = np.array(
-            [(e, s) for e in episodes for s in range(0, lengths[e] - seq_len + 1, seq_len)], dtype=np.int64
-        ).reshape(-1, 2)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        e, s = self.index[i]
-        return {k: torch.from_numpy(self.file[k][e, s : s + self.seq_len]) for k in self.keys}
 
 
 class ShuffledFrameBatches(_LazyFile, IterableDataset):

@@ -22,7 +22,8 @@ from worldmodel.errors import WorldModelError
 
 SCHEMA = "worldmodel.latents"
 SCHEMA_VERSION = 1
-DATASETS = ("mu", "logvar", "actions", "rewards", "dones", "lengths", "split/train", "split/val")
+PER_STEP = ("mu", "logvar", "actions", "rewards", "dones")  # the (E, T, ...) datasets
+DATASETS = (*PER_STEP, "lengths", "split/train", "split/val")
 
 
 def create(
@@ -105,7 +106,7 @@ def _read(f: h5py.File, episodes: np.ndarray) -> dict[str, np.ndarray]:
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     wanted = np.asarray(episodes)[order]
-    out = {k: f[k][wanted][rank] for k in ("mu", "logvar", "actions", "rewards", "dones", "lengths")}
+    out = {k: f[k][wanted][rank] for k in (*PER_STEP, "lengths")}
     for name in ("mu", "logvar", "actions", "rewards"):
         check_finite(Path(f.filename), name, out[name], np.asarray(episodes))
     return out

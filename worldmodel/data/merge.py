@@ -18,8 +18,6 @@ from worldmodel.data import rollouts
 from worldmodel.data.rollouts import RolloutInfo
 from worldmodel.files import atomic
 
-PER_STEP = ("images", "actions", "rewards", "dones")  # (E, T, ...) datasets, chunked within an episode
-
 
 def make_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded train/validation split by episode (at least one validation episode when asked for)."""
@@ -61,9 +59,9 @@ def _copy_episodes(
     d = 0
     for info, run_id in zip(infos, source_runs):
         with h5py.File(info.path, "r") as src:
-            raw = {name: _same_layout(src[name], f[name]) for name in PER_STEP}
+            raw = {name: _same_layout(src[name], f[name]) for name in rollouts.PER_STEP}
             for s in range(info.episodes):
-                for name in PER_STEP:
+                for name in rollouts.PER_STEP:
                     _copy_episode(src[name], s, f[name], d + s, raw[name])
                 progress(1)
             for name in ("lengths", "episode"):

@@ -179,6 +179,7 @@ def _attr(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+PER_STEP = ("images", "actions", "rewards", "dones")  # the (E, T, ...) datasets, chunked within an episode
 DTYPES = {
     "images": np.uint8,
     "actions": np.float32,
@@ -198,7 +199,7 @@ def inspect(path: Path, merged: bool = False) -> RolloutInfo:
             _check_schema(f, path)
             e, t, size, a = _check_datasets(f, path, merged)
             # Touch the last chunk of every dataset: a truncated file fails here, not halfway through a copy.
-            for name in ("images", "actions", "rewards", "dones"):
+            for name in PER_STEP:
                 if e:
                     f[name][e - 1, t - 1]
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
@@ -264,7 +265,7 @@ def verify(path: Path, hint: str, progress: Callable[[int], None] = lambda n: No
                 where = f"dataset '{name}'"
                 f[name][:]
             for e in range(f["images"].shape[0]):
-                for name in ("images", "actions", "rewards", "dones"):
+                for name in PER_STEP:
                     where = f"dataset '{name}', episode {e}"
                     f[name][e]
                 progress(1)

@@ -27,11 +27,6 @@ class Pool:
     def close(self) -> None:
         raise NotImplementedError
 
-    def map(self, payloads: Sequence[Any]) -> list[Any]:
-        """Results in the order of `payloads`."""
-        done = dict(self.imap_unordered(payloads))
-        return [done[i] for i in range(len(payloads))]
-
     def __enter__(self) -> Pool:
         return self
 

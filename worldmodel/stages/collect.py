@@ -69,14 +69,14 @@ def run(cfg: DictConfig) -> str:
             log.info("collect: every shard of run %s is present and reads back whole", run.info.run_id)
             return run.info.run_id
         # Frames compress 3-4× (CarRacing 3.6×); room for a third of the raw frames, before any work.
-        frame_bytes = int(cfg.env.image_size) ** 2 * 3
+        frame_bytes = cfg.env.image_size**2 * 3
         files.check_room(out.path, len(todo) * hp.max_steps * frame_bytes // 3, "collect")
         shards = ShardWriter(
             out.path,
             hp.episodes_per_shard,
             hp.episodes,
             hp.max_steps,
-            int(cfg.env.image_size),
+            cfg.env.image_size,
             _shard_attrs(cfg, hp, run.info.run_id),
             on_complete=out.publish,
         )
@@ -107,12 +107,12 @@ def _todo(cfg: DictConfig, hp: Collect, run_id: str, out: tracking.OutputDir) ->
 def _shard_attrs(cfg: DictConfig, hp: Collect, run_id: str) -> dict:
     return {
         "env_id": str(cfg.env.id),
-        "image_size": int(cfg.env.image_size),
+        "image_size": cfg.env.image_size,
         "crop": ",".join(str(cfg.env.crop[k]) for k in ("top", "bottom", "left", "right")),
         "max_steps": hp.max_steps,
         "reset_on_done": hp.reset_on_done,
         "policy": str(cfg.policy.name),
-        "seed": int(cfg.seed),
+        "seed": cfg.seed,
         "run_id": run_id,
     }
 
@@ -229,7 +229,7 @@ def _resolve_agent(cfg: DictConfig) -> dict[str, str]:
     if stage is None:
         return {}
 
-    run = tracking.resolve_run(cfg, stage, cfg.policy.run_id, {"latent_size": str(cfg.latent.size)})
+    run = tracking.resolve_run(cfg, stage, cfg.policy.run_id, tracking.compat(cfg, "latent_size"))
     with open_dict(cfg):
         if stage == "evolve":
             cfg.policy.paths = tracking.agent_files(run)

@@ -62,7 +62,7 @@ def decode(vae: VAE, z: torch.Tensor) -> np.ndarray:
 
 def run(cfg: DictConfig) -> str:
     dream = settings(cfg, Dream)
-    compat = {"latent_size": str(cfg.latent.size)}
+    compat = tracking.compat(cfg, "latent_size")
     world = tracking.resolve_world(cfg)
     encode_run = tracking.resolve_run(cfg, "encode", world.encode_id, {})
     vae = load_vae(tracking.checkpoint_path(world.vae_run.info.run_id))
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> str:
         controller = load_controller(tracking.agent_files(evolve_run)["controller"], action_space(cfg.env))
         upstream["evolve"] = evolve_run.info.run_id
     lat_path = tracking.artifact_path(encode_run.info.run_id, lineage.LATENTS)
-    latents.inspect(lat_path, int(cfg.latent.size))
+    latents.inspect(lat_path, cfg.latent.size)
 
     with tracking.stage_run(cfg, "dream", ["dream", "latent"], upstream, compat) as run:
         tracking.log_dataset(world.encode_id, lineage.LATENTS, "dream")
@@ -97,7 +97,7 @@ def _held_out(lat_path) -> list[int]:
 def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset) -> None:
     dream = settings(cfg, Dream)
     episodes = _held_out(lat_path)[: dream.episodes]
-    generator = torch.Generator().manual_seed(int(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
     errors = []
     with h5py.File(lat_path, "r") as lf, h5py.File(dataset, "r") as df:
         for k, e in enumerate(episodes):
@@ -132,13 +132,13 @@ def _replay(cfg: DictConfig, vae: VAE, rnn, lat_path, dataset) -> None:
 def _free(cfg: DictConfig, vae: VAE, rnn, controller, lat_path) -> None:
     dream = settings(cfg, Dream)
     n, steps, temperature = dream.episodes, dream.steps, dream.temperature
-    seeds = [seed_of(int(cfg.seed), DREAM, i) for i in range(n)]
+    seeds = [seed_of(cfg.seed, DREAM, i) for i in range(n)]
     z0 = initial_latents(*latents.first_steps(lat_path, episodes_in(lat_path, "all")), seeds)
     if controller is not None:
         params = controller.get_flat().expand(n, -1)
         returns, visited = dream_rollouts(rnn, controller, params, z0, seeds, steps, temperature, record=True)
     else:  # a policy from the policy group acts on the dream
-        generator = torch.Generator().manual_seed(int(cfg.seed))
+        generator = torch.Generator().manual_seed(cfg.seed)
         space = action_space(cfg.env)
         policies = [make_policy(cfg.policy, space, np.random.default_rng(s)) for s in seeds]
         z, state, visited, returns = z0, rnn.initial_state(n), [], torch.zeros(n)
@@ -197,7 +197,7 @@ def _named_controllers(cfg: DictConfig, world: tracking.World) -> dict[str, tupl
     ids = [] if ids is None else [ids] if isinstance(ids, str) else list(ids)
     out = {}
     for run_id in ids:
-        run = tracking.resolve_run(cfg, "evolve", str(run_id), {"latent_size": str(cfg.latent.size)})
+        run = tracking.resolve_run(cfg, "evolve", str(run_id), tracking.compat(cfg, "latent_size"))
         controller = load_controller(tracking.agent_files(run)["controller"], action_space(cfg.env))
         if tracking.upstream(run, "train_rnn") != world.rnn_run.info.run_id:
             log.warning("fidelity: evolve run %s was trained on another M; here it reads this M's h", run_id)
@@ -213,7 +213,7 @@ def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> d
     history): controllers of every quality the run went through."""
     dream = settings(cfg, Dream)
     wanted, params = dream.fidelity_history, run.data.params
-    if not wanted or cma_history.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
+    if not wanted or lineage.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
         return {}
     popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
     es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1)
@@ -230,7 +230,7 @@ def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Contro
     dream = settings(cfg, Dream)
     evolve = settings(cfg, Evolve)
     base = next(iter(named.values()), (controller_for(cfg, rnn), {}))[0]
-    rng = np.random.default_rng(seed_of(int(cfg.seed), FIDELITY, 2))
+    rng = np.random.default_rng(seed_of(cfg.seed, FIDELITY, 2))
     first = fidelity.probes(base)
     for i in range(dream.fidelity_random):
         first[f"random {i}"] = rng.normal(0, evolve.sigma0, base.n_params).astype(np.float32)
@@ -250,11 +250,11 @@ def _score(
     dream = settings(cfg, Dream)
     evolve = settings(cfg, Evolve)
     params = np.stack(list(candidates.values()))
-    dream_seeds = [seed_of(int(cfg.seed), FIDELITY, 1, r) for r in range(dream.fidelity_dreams)]
+    dream_seeds = [seed_of(cfg.seed, FIDELITY, 1, r) for r in range(dream.fidelity_dreams)]
     dreams = dream_returns(
         rnn, controller, params, dream_seeds, world.dream_starts(cfg), DreamSettings.of(cfg)
     )
-    tracks = [seed_of(int(cfg.seed), FIDELITY, 0, r) for r in range(dream.fidelity_tracks)]
+    tracks = [seed_of(cfg.seed, FIDELITY, 0, r) for r in range(dream.fidelity_tracks)]
     files = {
         k: str(tracking.checkpoint_path(r.info.run_id))
         for k, r in (("vae", world.vae_run), ("rnn", world.rnn_run))
@@ -291,7 +291,7 @@ def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
     mu, logvar = (torch.from_numpy(data[k][:, :steps]) for k in ("mu", "logvar"))
     z = mu
     if cfg.agent.z == "sample":
-        generator = torch.Generator().manual_seed(seed_of(int(cfg.seed), FIDELITY, 3))
+        generator = torch.Generator().manual_seed(seed_of(cfg.seed, FIDELITY, 3))
         z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
     tensors = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
     block = min(dream.fidelity_block, steps)

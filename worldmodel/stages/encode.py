@@ -34,7 +34,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> str:
-    compat = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
+    compat = tracking.compat(cfg, "image_size", "latent_size")
     vae_run = tracking.resolve_run(cfg, "train_vae", cfg.inputs.train_vae, compat)
     merge_id = cfg.inputs.merge or tracking.upstream(vae_run, "merge")
     merge_run = tracking.resolve_run(cfg, "merge", merge_id, {})

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from worldmodel import tracking
 from worldmodel.config import positive_int, settings
-from worldmodel.config.sections import Evaluate
+from worldmodel.config.sections import Dream, Evaluate
 from worldmodel.control.agent import AgentStep, load_controller, load_rnn, load_vae
 from worldmodel.control.scorer import RealScorer, eval_seeds, eval_steps, real_scorer
 from worldmodel.envs.pixels import action_space
@@ -42,7 +42,7 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> str:
     hp = settings(cfg, Evaluate)
-    evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, {"latent_size": str(cfg.latent.size)})
+    evolve_run = tracking.resolve_run(cfg, "evolve", cfg.inputs.evolve, tracking.compat(cfg, "latent_size"))
     tracking.check_agent_z(cfg, evolve_run)
     files = tracking.agent_files(evolve_run)
     controller = load_controller(files["controller"], action_space(cfg.env))
@@ -51,12 +51,12 @@ def run(cfg: DictConfig) -> str:
         stage: tracking.upstream_run(evolve_run, stage).info.run_id for stage in ("train_rnn", "train_vae")
     }
     with tracking.stage_run(
-        cfg, "evaluate", ["evaluate", "agent"], upstream, {"latent_size": str(cfg.latent.size)}
+        cfg, "evaluate", ["evaluate", "agent"], upstream, tracking.compat(cfg, "latent_size")
     ) as run:
         with real_scorer(cfg, "evaluate", files, controller.hparams) as scorer:
             params = controller.get_flat().numpy().astype(np.float32)
             seeds = eval_seeds(cfg, hp.episodes)
-            result = report(scorer, params, seeds, eval_steps(cfg), hp.gif_steps, int(cfg.dream.fps))
+            result = report(scorer, params, seeds, eval_steps(cfg), hp.gif_steps, settings(cfg, Dream).fps)
         if hp.register:
             register_agent(cfg, files, controller, result.metrics["eval/score_mean"])
         return run.info.run_id

@@ -22,7 +22,7 @@ deterministic given its seed and the fitness it is told, so its state is kept as
 (`cma/history.npz`: plain arrays, loaded without pickle, so a crafted artifact cannot run code) and an
 interrupted run resumes with `inputs.resume=<run id>` by replaying it. At the end the kept controller
 (`evolve.select`: the best candidate seen, or CMA-ES's mean) is saved, and with `evolve.eval_episodes`
-> 0 scored by the standard evaluation (`scoring.evaluate`, as `stage=evaluate`) on that many unseen
+> 0 scored by the standard evaluation (`evaluate.report`, as `stage=evaluate`) on that many unseen
 tracks.
 """
 
@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 from worldmodel import tracking, training
 from worldmodel.config import check, is_int, settings
-from worldmodel.config.sections import Evolve, Mode, Select
+from worldmodel.config.sections import Dream, Evolve, Mode, Select
 from worldmodel.control import cma as cma_history
 from worldmodel.control.agent import controller_for, load_rnn, standardisation
 from worldmodel.control.fitness import DreamFitness, Fitness, RealFitness
@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> str:
             chosen = _search(cfg, hp, _fitness(cfg, hp, world, rnn, controller, scorer), controller)
             if hp.eval_episodes:  # the same evaluation as stage=evaluate, on its unseen tracks
                 seeds = eval_seeds(cfg, hp.eval_episodes)
-                report(scorer, chosen, seeds, eval_steps(cfg), hp.gif_steps, int(cfg.dream.fps))
+                report(scorer, chosen, seeds, eval_steps(cfg), hp.gif_steps, settings(cfg, Dream).fps)
         finally:
             mlflow.log_metric("workers_replaced", scorer.replaced)
             scorer.close()
@@ -132,7 +132,7 @@ def _search(cfg: DictConfig, hp: Evolve, fitness: Fitness, controller: Controlle
     for gen in progress_bar(range(es.countiter, hp.generations), desc="evolve", unit="gen"):
         asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
         solutions = np.asarray(asked, dtype=np.float32)
-        seeds = [seed_of(int(cfg.seed), TRAIN, gen, r) for r in range(hp.rollouts)]
+        seeds = [seed_of(cfg.seed, TRAIN, gen, r) for r in range(hp.rollouts)]
         t0 = time.perf_counter()
         scores, metrics = fitness(solutions, seeds)
         elapsed = time.perf_counter() - t0
@@ -204,7 +204,7 @@ def _cma_state(
 ) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
-    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, int(cfg.seed) + 1)
+    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, cfg.seed + 1)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
     if not cfg.inputs.resume or lineage.HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
@@ -228,9 +228,9 @@ def _standardised(controller: Controller, cfg: DictConfig, hp: Evolve, files: di
     """`controller` with its inputs standardised by their mean and std along popsize real rollouts of
     candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
     see. Seeded, so a resumed run computes the same statistics."""
-    rng = np.random.default_rng(seed_of(int(cfg.seed), NORM))
+    rng = np.random.default_rng(seed_of(cfg.seed, NORM))
     params = rng.normal(0.0, hp.sigma0, (hp.popsize, controller.n_params)).astype(np.float32)
-    seeds = [seed_of(int(cfg.seed), NORM, i) for i in range(len(params))]
+    seeds = [seed_of(cfg.seed, NORM, i) for i in range(len(params))]
     with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
         rollouts = scorer.run(params, seeds, hp.max_steps, hp.stall_steps)
     tally = np.sum([ro.inputs for ro in rollouts], axis=0)

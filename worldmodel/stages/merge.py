@@ -75,14 +75,14 @@ def _check_declared(source: Run, infos: list[rollouts.RolloutInfo]) -> None:
 
 
 def run(cfg: DictConfig) -> str:
-    compat = {"image_size": str(cfg.env.image_size)}
+    compat = tracking.compat(cfg, "image_size")
     sources = [tracking.resolve_run(cfg, "collect", rid, compat) for rid in collect_run_ids(cfg)]
     ids = [r.info.run_id for r in sources]
     if len(set(ids)) != len(ids):
         raise WorldModelError(f"inputs.collect lists a run twice: {ids}")
     infos, owners = _verified_shards(sources)  # everything, before anything is written
     upstream = {"collect": ",".join(ids)}
-    tags = {"image_size": str(cfg.env.image_size)}
+    tags = tracking.compat(cfg, "image_size")
     hp = settings(cfg, Merge)
     with tracking.stage_run(cfg, "merge", ["merge"], upstream=upstream, tags=tags) as run:
         for rid in ids:
@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> str:
                 owners,
                 out / lineage.DATASET,
                 hp.val_fraction,
-                int(cfg.seed),
+                cfg.seed,
                 hp.chunk_frames,
                 hp.compression_level,
                 bar.update,

@@ -145,7 +145,7 @@ def _round(cfg: DictConfig, k: int) -> None:
         for section, values in (cfg.pipeline.round_config or {}).items():
             cfg[section] = OmegaConf.merge(cfg[section], values)
         cfg.policy = policy
-        cfg.seed = seed_of(int(cfg.seed), ROUND, k) % 2**31  # new tracks for the new episodes
+        cfg.seed = seed_of(cfg.seed, ROUND, k) % 2**31  # new tracks for the new episodes
         cfg.collect.episodes = int(cfg.pipeline.round_episodes)
         cfg.inputs.collect = None
         cfg.inputs.train_vae = tracking.upstream(evolve, "train_vae")  # V is kept

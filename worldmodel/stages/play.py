@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> str:
     hp = settings(cfg, Play)
     dream = settings(cfg, Dream)
     evolve_id = _aliased(cfg) if hp.agent else cfg.inputs.evolve
-    evolve_run = tracking.resolve_run(cfg, "evolve", evolve_id, {"latent_size": str(cfg.latent.size)})
+    evolve_run = tracking.resolve_run(cfg, "evolve", evolve_id, tracking.compat(cfg, "latent_size"))
     files = tracking.agent_files(evolve_run)
     z = evolve_run.data.params.get("agent.z", "mean")  # read z as the controller was trained to
     agent = Agent(

@@ -60,13 +60,10 @@ def windows(data: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
-STEP_KEYS = ("mu", "logvar", "actions", "rewards", "dones")
-
-
 def gather(data: dict[str, np.ndarray], index: np.ndarray, span: int) -> dict[str, np.ndarray]:
     """The windows (episode, start) of `index`, `span` steps each, as arrays (B, span, ...)."""
     e, s = index[:, :1], index[:, 1:] + np.arange(span)
-    return {k: data[k][e, s] for k in STEP_KEYS}
+    return {k: data[k][e, s] for k in latents.PER_STEP}
 
 
 def batch_tensors(
@@ -131,7 +128,7 @@ def _episodes(path: Path, order: np.ndarray) -> Iterator[tuple[dict[str, np.ndar
     """Episodes of `order` one at a time, read 16 at a time: (their step arrays, length)."""
     for data in latents.stream(path, order, per_read=16):
         for i, length in enumerate(data["lengths"]):
-            yield {k: data[k][i] for k in STEP_KEYS}, int(length)
+            yield {k: data[k][i] for k in latents.PER_STEP}, int(length)
 
 
 def training_batches(
@@ -193,7 +190,7 @@ def _validation_windows(path: Path, episodes: np.ndarray, hp: TrainRNN) -> Itera
 
 
 @torch.no_grad()
-def evaluate(
+def validation(
     model: MDNRNN,
     path: Path,
     episodes: np.ndarray,
@@ -220,11 +217,11 @@ def evaluate(
 
 
 def run(cfg: DictConfig) -> str:
-    compat = {"latent_size": str(cfg.latent.size)}
+    compat = tracking.compat(cfg, "latent_size")
     encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
     path = tracking.artifact_path(encode.info.run_id, lineage.LATENTS)
     hp = _settings(cfg)
-    info, train, val = _episodes_of(path, int(cfg.latent.size), hp.seq_len)
+    info, train, val = _episodes_of(path, cfg.latent.size, hp.seq_len)
     device = training.pick_device(cfg)
     upstream = {"encode": encode.info.run_id, "train_vae": tracking.upstream(encode, "train_vae")}
     with tracking.stage_run(
@@ -238,7 +235,7 @@ def run(cfg: DictConfig) -> str:
     ) as run:
         tracking.log_dataset(encode.info.run_id, lineage.LATENTS, "training")
         torch.manual_seed(cfg.seed)
-        model = _model(hp, int(cfg.latent.size), info.action_dim, device)
+        model = _model(hp, cfg.latent.size, info.action_dim, device)
         optimiser = training.Optimiser(model, hp.lr, hp.grad_clip)
         start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
         epochs = Epochs(cfg, hp, model, optimiser, device, path, info, train, val)
@@ -287,7 +284,7 @@ class Epochs:
         val: np.ndarray,
     ) -> None:
         self.hp, self.model, self.optimiser, self.device = hp, model, optimiser, device
-        self.seed, self.latent = int(cfg.seed), int(cfg.latent.size)
+        self.seed, self.latent = cfg.seed, cfg.latent.size
         self.path, self.info, self.train, self.val = path, info, train, val
         self.total_windows = int((info.lengths[train] // (hp.seq_len + 1)).sum())
         self.buffer = EpisodeBuffer(hp.buffer_episodes)
@@ -307,7 +304,7 @@ class Epochs:
             train = training.data_pass(batches, loss_of, self.optimiser, f"epoch {epoch}", STAGE)
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": v for k, v in train.items()}
-        metrics |= evaluate(self.model, self.path, self.val, hp, self.seed, self.latent, self.device)
+        metrics |= validation(self.model, self.path, self.val, hp, self.seed, self.latent, self.device)
         metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
         metrics["train/steps_per_s"] = self.windows * hp.seq_len / elapsed
         training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)

@@ -43,10 +43,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> str:
-    merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, {"image_size": str(cfg.env.image_size)})
+    merge = tracking.resolve_run(cfg, "merge", cfg.inputs.merge, tracking.compat(cfg, "image_size"))
     dataset, _ = dataset_of(merge.info.run_id)
     device = training.pick_device(cfg)
-    tags = {"image_size": str(cfg.env.image_size), "latent_size": str(cfg.latent.size)}
+    tags = tracking.compat(cfg, "image_size", "latent_size")
     hp = settings(cfg, TrainVAE)
     with tracking.stage_run(
         cfg,
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> str:
         tracking.log_dataset(merge.info.run_id, lineage.DATASET, "training")
         torch.manual_seed(cfg.seed)
         model, optimiser, start_epoch, best = _model(cfg, hp, device)
-        train, loader = _training_data(hp, dataset, int(cfg.seed), device)
+        train, loader = _training_data(hp, dataset, cfg.seed, device)
         hint = f"the dataset is damaged: run merge again (merge run {merge.info.run_id})"
         val_frames = _checked_validation_frames(dataset, hp.val_frames, hint)
         epochs = Epochs(hp, model, optimiser, device, val_frames, lambda: training.reading(dataset, hint))
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> str:
 def _model(cfg: DictConfig, hp: TrainVAE, device: torch.device) -> tuple[VAE, training.Optimiser, int, float]:
     """V (in the memory layout asked for), its optimiser, and where training starts (resumed or not)."""
     layout = torch.channels_last if hp.channels_last else torch.contiguous_format
-    model = VAE(int(cfg.latent.size), int(cfg.env.image_size)).to(device, memory_format=layout)
+    model = VAE(cfg.latent.size, cfg.env.image_size).to(device, memory_format=layout)
     optimiser = training.Optimiser(model, hp.lr)
     start_epoch, best = training.restore(cfg.inputs.resume, model, optimiser)
     return model, optimiser, start_epoch, best
@@ -144,7 +144,7 @@ class Epochs:
         with self.reading():
             train = training.data_pass(batches, self._train_loss, self.optimiser, f"epoch {epoch}", STAGE)
         elapsed = time.perf_counter() - t0
-        val = evaluate(self.model, self.val_frames, self.device, self.kl_tolerance, self.batch_size)
+        val = validation(self.model, self.val_frames, self.device, self.kl_tolerance, self.batch_size)
         metrics = {f"train/{k}": v for k, v in train.items()}
         metrics |= {"val/loss": val[0], "val/recon": val[1], "val/kl": val[2]}
         metrics["train/frames_per_s"] = self.frames / elapsed
@@ -188,7 +188,7 @@ def _validation_frames(dataset, limit: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(
+def validation(
     model: VAE, frames: np.ndarray, device: torch.device, kl_tolerance: float, batch_size: int
 ) -> np.ndarray:
     """Mean loss, reconstruction error and KL over `frames`, with a fixed noise seed."""

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.config import RESUMABLE, settings
 from worldmodel.config.sections import Evolve, InitialZ
@@ -50,6 +50,16 @@ WRITES = {
 }
 
 
+# The tags that say which runs fit together, and the config keys they record.
+COMPAT = {"latent_size": "latent.size", "image_size": "env.image_size"}
+
+
+def compat(cfg: DictConfig, *tags: str) -> dict[str, str]:
+    """The compatibility tags of this config (`latent_size`, `image_size`): what a run is tagged with, and
+    what an upstream run must be tagged with to be read (`resolve_run`)."""
+    return {tag: str(OmegaConf.select(cfg, COMPAT[tag])) for tag in tags}
+
+
 def upstream_tags(inputs: dict[str, str]) -> dict[str, str]:
     """The tags that record a run's inputs, `{stage: run id}`, for `upstream`."""
     return {f"upstream.{stage}": run_id for stage, run_id in inputs.items()}
@@ -82,11 +92,11 @@ def _how_to_make(stage: str) -> str:
     return f"run `python -m worldmodel stage={stage}` first, or pass inputs.{stage}=<run id>"
 
 
-def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[str, str]) -> Run:
+def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, tags: dict[str, str]) -> Run:
     """The upstream run of `stage`: the given id (checked); when resuming, the one the resumed run read;
-    else the latest FINISHED compatible one. Compatible means the same env, and the `compat` tags."""
+    else the latest FINISHED compatible one. Compatible means the same env, and the `tags` (`compat`)."""
     setup(cfg)
-    compat = {"env": str(cfg.env.id), **compat}
+    wanted = {"env": str(cfg.env.id), **tags}
     if not run_id and cfg.inputs.resume:
         with contextlib.suppress(MlflowException):  # stage_run reports the missing run
             run_id = upstream(mlflow.get_run(str(cfg.inputs.resume)), stage)
@@ -108,7 +118,7 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
             raise WorldModelError(
                 f"inputs.{stage}={run_id} is {run.info.status}, not FINISHED; {how} or pick another run"
             )
-        for key, want in compat.items():
+        for key, want in wanted.items():
             have = run.data.tags.get(key)
             if have is not None and have != str(want):
                 raise WorldModelError(
@@ -116,7 +126,7 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
                 )
         return run
     filters = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'"]
-    filters += [f"tags.{k} = '{v}'" for k, v in compat.items()]
+    filters += [f"tags.{k} = '{v}'" for k, v in wanted.items()]
     if cfg.mlflow.pipeline:
         filters.append(f"tags.pipeline = '{cfg.mlflow.pipeline}'")
     experiment = mlflow.get_experiment_by_name(str(cfg.mlflow.experiment))
@@ -128,9 +138,9 @@ def resolve_run(cfg: DictConfig, stage: str, run_id: str | None, compat: dict[st
         output_format="list",
     )
     if not runs:
-        wanted = ", ".join(f"{k}={v}" for k, v in compat.items())
+        text = ", ".join(f"{k}={v}" for k, v in wanted.items())
         raise WorldModelError(
-            f"no FINISHED {stage} run with {wanted} in experiment "
+            f"no FINISHED {stage} run with {text} in experiment "
             f"'{cfg.mlflow.experiment}'; {_how_to_make(stage)}"
         )
     return runs[0]
@@ -182,10 +192,9 @@ def first_frames(encode_id: str, latent_size: int) -> tuple[np.ndarray, np.ndarr
 
 def resolve_world(cfg: DictConfig) -> World:
     """The MDN-RNN run (`inputs.train_rnn` or the latest compatible) and the VAE it was trained on."""
-    compat = {"latent_size": str(cfg.latent.size)}
-    rnn_run = resolve_run(cfg, "train_rnn", cfg.inputs.train_rnn, compat)
+    rnn_run = resolve_run(cfg, "train_rnn", cfg.inputs.train_rnn, compat(cfg, "latent_size"))
     vae_id = cfg.inputs.train_vae or upstream(rnn_run, "train_vae")
-    vae_run = resolve_run(cfg, "train_vae", vae_id, compat | {"image_size": str(cfg.env.image_size)})
+    vae_run = resolve_run(cfg, "train_vae", vae_id, compat(cfg, "latent_size", "image_size"))
     return World(rnn_run, vae_run, upstream_run(rnn_run, "encode").info.run_id)
 
 
