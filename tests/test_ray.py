@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import in_order, shard_arrays
 from worldmodel import tracking
+from worldmodel.config import PROJECT_ROOT
 from worldmodel.stages import run_stage
 
 pytestmark = pytest.mark.slow
@@ -157,7 +158,7 @@ def test_the_stage_form_collects_on_ray_the_local_data(ray_head, tmp_path, colle
     out = subprocess.run(
         [sys.executable, "-m", "worldmodel.stage=collect", "backend=ray", "collect.workers=2",
          "experiment=smoke", f"paths.outputs={tmp_path}"],
-        cwd=tracking.PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
         env=os.environ | {"RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

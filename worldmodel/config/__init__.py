@@ -8,7 +8,8 @@ import os
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_type_hints
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -59,10 +60,13 @@ def settings(cfg: DictConfig, cls: type[Settings]) -> Settings:
     """The config section `cls.SECTION` as a `cls`, a dataclass: every key of its declared type (an int
     where a float is declared becomes a float), choices as enums, ranges checked by the dataclass's
     `__post_init__` (with `require`). An unknown, ill-typed or out-of-range key fails in one line that
-    names it, before any work starts."""
+    names it, before any work starts. A value is never coerced from another kind (a string, a bool
+    for a number): code that reads the raw config would see another value than the settings."""
     name = cls.SECTION
+    section = OmegaConf.to_container(cfg[name], resolve=True)  # interpolations may point anywhere
+    _check_kinds(cls, section)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg[name]))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), section))
     except OmegaConfBaseException as err:
         key = f"{name}.{err.key}" if err.key else name
         if "not in" in str(err.msg):
@@ -72,10 +76,41 @@ def settings(cfg: DictConfig, cls: type[Settings]) -> Settings:
         ) from err
 
 
+_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _check_kinds(cls: type, section: dict[str, Any]) -> None:
+    """Numbers are numbers and booleans booleans, as written (OmegaConf would read '3' and 'off')."""
+    for field, kind in get_type_hints(cls).items():
+        value = section.get(field)
+        if value is None:
+            continue  # OmegaConf refuses a null where the type has none
+        kind = _unwrap_optional(kind)
+        element = get_args(kind)[0] if get_origin(kind) is list else None
+        values = value if element is not None and isinstance(value, list) else [value]
+        wanted = _KINDS.get(element or kind)
+        if wanted is None:
+            continue
+        ok = all(isinstance(v, wanted) and (bool in wanted or not isinstance(v, bool)) for v in values)
+        if not ok or (element is not None and not isinstance(value, list)):
+            what = f"a list of {_expected_kind(element)}s" if element is not None else _expected(cls, field)
+            raise WorldModelError(f"config key '{cls.SECTION}.{field}' must be {what} (got {value!r})")
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    if get_origin(kind) in (Union, UnionType):
+        return next(k for k in get_args(kind) if k is not type(None))
+    return kind
+
+
+def _expected_kind(kind: type) -> str:
+    return {int: "integer", float: "number", bool: "boolean", str: "string"}[kind]
+
+
 def _expected(cls: type, field: str) -> str:
     kind = get_type_hints(cls).get(field)
-    nullable = type(None) in get_args(kind)
-    kind = next((k for k in get_args(kind) if k is not type(None)), kind)
+    nullable = get_origin(kind) in (Union, UnionType) and type(None) in get_args(kind)
+    kind = _unwrap_optional(kind)
     if isinstance(kind, type) and issubclass(kind, Enum):
         text = f"one of {[m.value for m in kind]}"
     else:

@@ -36,7 +36,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> str:
     compat = tracking.compat(cfg, "image_size", "latent_size")
     vae_run = tracking.resolve_run(cfg, "train_vae", cfg.inputs.train_vae, compat)
-    merge_id = cfg.inputs.merge or tracking.upstream(vae_run, "merge")
+    merge_id = cfg.inputs.merge or tracking.upstream_run(vae_run, "merge").info.run_id
     merge_run = tracking.resolve_run(cfg, "merge", merge_id, {})
     dataset, info = dataset_of(merge_run.info.run_id)
     device = training.pick_device(cfg)

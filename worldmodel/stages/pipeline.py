@@ -148,7 +148,7 @@ def _round(cfg: DictConfig, k: int) -> None:
         cfg.seed = seed_of(cfg.seed, ROUND, k) % 2**31  # new tracks for the new episodes
         cfg.collect.episodes = int(cfg.pipeline.round_episodes)
         cfg.inputs.collect = None
-        cfg.inputs.train_vae = tracking.upstream(evolve, "train_vae")  # V is kept
+        cfg.inputs.train_vae = tracking.upstream_run(evolve, "train_vae").info.run_id  # V is kept
     with tracking.stage_run(cfg, "round", ["pipeline"], tags={"round": str(k)}) as run:
         log.info("pipeline: round %d, collecting with controller %s", k, evolve.info.run_id)
         _run_stages(cfg, ROUND_STAGES[:1])

@@ -88,7 +88,7 @@ def _aliased(cfg: DictConfig) -> str:
             f"play.agent={hp.agent}: no such alias of {name} in {tracking.tracking_uri(cfg)}; "
             "run stage=evaluate first, or pass inputs.evolve=<run id>"
         ) from err
-    return tracking.upstream(mlflow.get_run(version.run_id), "evolve")  # the evaluate run's controller
+    return tracking.upstream_run(mlflow.get_run(version.run_id), "evolve").info.run_id  # its controller
 
 
 @torch.inference_mode()

@@ -212,7 +212,14 @@ def validation(
         parts = {"nll": (loss.nll.item(), float(b["mask"].sum())), "reward_loss": (loss.reward.item(), k)}
         return loss.loss, parts | {"done_loss": (loss.done.item(), k)}
 
-    val = training.data_pass(_validation_windows(path, episodes, hp), loss_of, None, "validation", STAGE)
+    names = ("nll", "reward_loss", "done_loss")
+    val = training.data_pass(
+        _validation_windows(path, episodes, hp), loss_of, None, names, "validation", STAGE
+    )
+    if baseline.steps == 0:
+        raise WorldModelError(
+            f"train_rnn: no validation episode is longer than train_rnn.seq_len={hp.seq_len} steps; lower it"
+        )
     return {f"val/{k}": v for k, v in val.items()} | {"val/baseline_nll": baseline.nll()}
 
 
@@ -301,7 +308,8 @@ class Epochs:
             total=self.total_windows, desc=f"train_rnn {epoch + 1}/{hp.epochs}", unit="seq", leave=False
         ) as bar:
             loss_of = self._train_loss(generator, bar)
-            train = training.data_pass(batches, loss_of, self.optimiser, f"epoch {epoch}", STAGE)
+            names = ("loss", "nll", "reward_loss", "done_loss")
+            train = training.data_pass(batches, loss_of, self.optimiser, names, f"epoch {epoch}", STAGE)
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": v for k, v in train.items()}
         metrics |= validation(self.model, self.path, self.val, hp, self.seed, self.latent, self.device)

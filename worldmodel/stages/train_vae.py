@@ -142,7 +142,9 @@ class Epochs:
         batches = progress_bar(loader, desc=f"train_vae {epoch + 1}/{self.epochs}", unit="batch", leave=False)
         t0, self.frames = time.perf_counter(), 0
         with self.reading():
-            train = training.data_pass(batches, self._train_loss, self.optimiser, f"epoch {epoch}", STAGE)
+            train = training.data_pass(
+                batches, self._train_loss, self.optimiser, PARTS, f"epoch {epoch}", STAGE
+            )
         elapsed = time.perf_counter() - t0
         val = validation(self.model, self.val_frames, self.device, self.kl_tolerance, self.batch_size)
         metrics = {f"train/{k}": v for k, v in train.items()}
@@ -166,6 +168,9 @@ class Epochs:
         out = vae_loss(x, recon.float(), mu.float(), logvar.float(), self.kl_tolerance)
         self.frames += len(x)
         return out.loss, _parts(out, len(x))
+
+
+PARTS = ("loss", "recon", "kl")
 
 
 def _parts(out: VAELoss, n: int) -> dict[str, tuple[float, float]]:
@@ -201,7 +206,7 @@ def validation(
         out = vae_loss(x, *model(x), kl_tolerance)
         return out.loss, _parts(out, len(x))
 
-    means = training.data_pass(range(0, len(frames), batch_size), loss_of, None, "validation", STAGE)
+    means = training.data_pass(range(0, len(frames), batch_size), loss_of, None, PARTS, "validation", STAGE)
     torch.set_rng_state(generator_state)
     return np.array([means["loss"], means["recon"], means["kl"]])
 

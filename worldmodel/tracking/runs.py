@@ -93,7 +93,8 @@ def _check_resume(
         raise WorldModelError(f"inputs.resume={run.info.run_id} already FINISHED; nothing to resume")
     for key, value in params.items():
         old = run.data.params.get(key)
-        if old is not None and old != value and key not in may_change:
+        moved = key.endswith("_target_")  # a class path names the same class after a move
+        if old is not None and old != value and key not in may_change and not moved:
             raise WorldModelError(
                 f"inputs.resume={run.info.run_id}: '{key}' was {old} in that run, now "
                 f"{value}; resume with the same settings"

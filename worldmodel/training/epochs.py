@@ -35,9 +35,9 @@ def reading(path: Path, hint: str) -> Iterator[None]:
 class Tally:
     """Weighted means of named values, summed in the order they come."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self.sums: dict[str, float] = dict.fromkeys(names, 0.0)  # a pass with no batch still has them
+        self.weights: dict[str, float] = dict.fromkeys(names, 0)
 
     def add(self, parts: dict[str, tuple[float, float]]) -> None:
         for name, (value, weight) in parts.items():
@@ -68,12 +68,17 @@ LossOf = Callable[[object], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
 
 
 def data_pass(
-    batches: Iterable[object], loss_of: LossOf, optimiser: Optimiser | None, what: str, stage: str
+    batches: Iterable[object],
+    loss_of: LossOf,
+    optimiser: Optimiser | None,
+    names: Iterable[str],
+    what: str,
+    stage: str,
 ) -> dict[str, float]:
     """One pass over `batches`: training when an `optimiser` is given (a non-finite loss stops the
     run before the update), validation otherwise (the caller holds torch.no_grad and eval mode).
-    Returns the weighted means of what `loss_of` reports."""
-    tally = Tally()
+    Returns the weighted means of what `loss_of` reports, by `names` (0 for a pass with no batch)."""
+    tally = Tally(names)
     for i, batch in enumerate(batches):
         loss, parts = loss_of(batch)
         if optimiser is not None:
