@@ -6,6 +6,9 @@ runs of the same seeds on the same platform give the same fingerprint, whatever 
 
 It depends on MLflow, h5py, torch and Pillow only, so the code before a refactor can be fingerprinted
 with the same script:  python tests/fingerprint.py <outputs dir> [<pipeline run id>] > golden.json
+
+The checks: CarRacing's smoke pipeline, run as a user types it, in tests/test_command.py; CartPole's and
+Doom's in their smoke pipeline tests (in-process, under `fresh_torch`).
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "
     return out
 
 
-def check_golden(name: str, outputs: Path, pipeline_id: str) -> None:
+def check_golden(name: str, outputs: Path, pipeline_id: str | None = None) -> None:
     """The pipeline run computed what the golden fingerprint `tests/golden/<name>.json` holds. On another
     platform (torch build, CPU vector instructions) only the torch-free stages compare. With
     $WM_GOLDEN_UPDATE=1 the golden is rewritten instead: for a change that means to change results."""

@@ -16,6 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 
+from tests.fingerprint import check_golden
 from worldmodel.config import PROJECT_ROOT, STAGES
 
 
@@ -124,6 +125,7 @@ def test_the_form_collects_with_two_workers_the_data_of_the_package_form(tmp_pat
 
 def test_the_form_runs_the_pipeline_then_real_evolve_and_evaluate_with_workers(tmp_path):
     run_form(tmp_path, "worldmodel.stage=pipeline", timeout=600)  # every stage, smoke's 2 workers
+    check_golden("carracing", tmp_path)  # what the pipeline computed before the refactor, bit for bit
     rnn = finished_runs(tmp_path)["train_rnn"][0].info.run_id
     run_form(
         tmp_path,

@@ -164,7 +164,10 @@ def test_help_lists_groups_and_a_clean_error_line(tmp_path):
         ("evaluate.workers=0", "config key 'evaluate.workers' must be null or a positive integer (got 0)"),
         ("dream.fps=abc", "config key 'dream.fps' must be an integer (got 'abc')"),
         ("collect.reset_on_done=off", "config key 'collect.reset_on_done' must be true or false (got 'off')"),
-        ("evolve.clip_actions=[2.5]", "config key 'evolve.clip_actions' must be a list of integers (got [2.5])"),
+        (
+            "evolve.clip_actions=[2.5]",
+            "config key 'evolve.clip_actions' must be a list of integers (got [2.5])",
+        ),
     ],
 )
 def test_every_stage_section_given_is_validated_whichever_stage_runs(tmp_path, override, message):
