@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +43,21 @@ STAGE = "train_rnn"
 
 
 def validate(cfg: DictConfig) -> None:
-    _settings(cfg)
+    settings(cfg, TrainRNN)
 
 
-def _settings(cfg: DictConfig) -> TrainRNN:
-    """train_rnn's settings, and the loss's settings from other sections: how z is read (agent.z) and
-    the env's terminal reward."""
-    hp = settings(cfg, TrainRNN)
-    hp.z_kind, hp.terminal_reward = str(cfg.agent.z), cfg.env.get("terminal_reward")
-    return hp
+@dataclass(frozen=True)
+class LossTerms:
+    """What M's loss reads: train_rnn's weights, how z is read (agent.z) and the env's terminal reward."""
+
+    reward_weight: float
+    done_weight: float
+    z_kind: str
+    terminal_reward: float | None
+
+    @classmethod
+    def of(cls, cfg: DictConfig, hp: TrainRNN) -> LossTerms:
+        return cls(hp.reward_weight, hp.done_weight, str(cfg.agent.z), cfg.env.get("terminal_reward"))
 
 
 def windows(data: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
@@ -90,13 +97,13 @@ def batch_tensors(
 def batch_loss(
     model: MDNRNN,
     w: dict[str, np.ndarray],
-    hp: TrainRNN,
+    terms: LossTerms,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], MDNLoss]:
     """The batch of windows `w` and the model's loss on it; in training with dropout, one mask pair per
     window, drawn from `generator`."""
-    b = batch_tensors(w, generator, device, hp.z_kind)
+    b = batch_tensors(w, generator, device, terms.z_kind)
     masks = None
     if model.training and model.dropout > 0:
         masks = tuple(m.to(device) for m in model.dropout_masks(len(b["z"]), model.dropout, generator))
@@ -106,11 +113,11 @@ def batch_loss(
         b["next_z"],
         b["rewards"],
         b["dones"],
-        hp.reward_weight,
-        hp.done_weight,
+        terms.reward_weight,
+        terms.done_weight,
         b["mask"],
         model.done_pos_weight,
-        failures(b, hp.terminal_reward),
+        failures(b, terms.terminal_reward),
     )
     return b, loss
 
@@ -195,6 +202,7 @@ def validation(
     path: Path,
     episodes: np.ndarray,
     hp: TrainRNN,
+    terms: LossTerms,
     seed: int,
     latent: int,
     device: torch.device,
@@ -206,7 +214,7 @@ def validation(
     baseline = _Baseline(latent)
 
     def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-        b, loss = batch_loss(model, w, hp, generator, device)
+        b, loss = batch_loss(model, w, terms, generator, device)
         baseline.add(b)
         k = len(b["z"])
         parts = {"nll": (loss.nll.item(), float(b["mask"].sum())), "reward_loss": (loss.reward.item(), k)}
@@ -227,7 +235,7 @@ def run(cfg: DictConfig) -> str:
     compat = tracking.compat(cfg, "latent_size")
     encode = tracking.resolve_run(cfg, "encode", cfg.inputs.encode, compat)
     path = tracking.artifact_path(encode.info.run_id, lineage.LATENTS)
-    hp = _settings(cfg)
+    hp = settings(cfg, TrainRNN)
     info, train, val = _episodes_of(path, cfg.latent.size, hp.seq_len)
     device = training.pick_device(cfg)
     upstream = {"encode": encode.info.run_id, "train_vae": tracking.upstream(encode, "train_vae")}
@@ -291,6 +299,7 @@ class Epochs:
         val: np.ndarray,
     ) -> None:
         self.hp, self.model, self.optimiser, self.device = hp, model, optimiser, device
+        self.terms = LossTerms.of(cfg, hp)
         self.seed, self.latent = cfg.seed, cfg.latent.size
         self.path, self.info, self.train, self.val = path, info, train, val
         self.total_windows = int((info.lengths[train] // (hp.seq_len + 1)).sum())
@@ -312,7 +321,9 @@ class Epochs:
             train = training.data_pass(batches, loss_of, self.optimiser, names, f"epoch {epoch}", STAGE)
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": v for k, v in train.items()}
-        metrics |= validation(self.model, self.path, self.val, hp, self.seed, self.latent, self.device)
+        metrics |= validation(
+            self.model, self.path, self.val, hp, self.terms, self.seed, self.latent, self.device
+        )
         metrics["val/nll_gain_over_baseline"] = metrics["val/baseline_nll"] - metrics["val/nll"]
         metrics["train/steps_per_s"] = self.windows * hp.seq_len / elapsed
         training.require_finite(metrics["val/nll"], f"the validation NLL of epoch {epoch}", STAGE)
@@ -326,7 +337,7 @@ class Epochs:
 
     def _train_loss(self, generator: torch.Generator, bar: tqdm) -> training.epochs.LossOf:
         def loss_of(w: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-            b, loss = batch_loss(self.model, w, self.hp, generator, self.device)
+            b, loss = batch_loss(self.model, w, self.terms, generator, self.device)
             k = len(b["z"])
             self.windows += k
             bar.update(k)

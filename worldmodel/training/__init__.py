@@ -4,7 +4,6 @@ from worldmodel.training.device import pick_device
 from worldmodel.training.epochs import (
     Checkpoints,
     Optimiser,
-    Tally,
     data_pass,
     log_epoch,
     reading,
@@ -15,7 +14,6 @@ from worldmodel.training.epochs import (
 __all__ = [
     "Checkpoints",
     "Optimiser",
-    "Tally",
     "data_pass",
     "log_epoch",
     "pick_device",

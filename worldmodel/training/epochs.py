@@ -35,14 +35,14 @@ def reading(path: Path, hint: str) -> Iterator[None]:
 class Tally:
     """Weighted means of named values, summed in the order they come."""
 
-    def __init__(self, names: Iterable[str] = ()) -> None:
+    def __init__(self, names: Iterable[str]) -> None:
         self.sums: dict[str, float] = dict.fromkeys(names, 0.0)  # a pass with no batch still has them
         self.weights: dict[str, float] = dict.fromkeys(names, 0)
 
     def add(self, parts: dict[str, tuple[float, float]]) -> None:
         for name, (value, weight) in parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value * weight
-            self.weights[name] = self.weights.get(name, 0) + weight
+            self.sums[name] += value * weight
+            self.weights[name] += weight
 
     def means(self) -> dict[str, float]:
         return {name: total / max(self.weights[name], 1) for name, total in self.sums.items()}
