@@ -160,6 +160,36 @@ def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path
         f"collect collect.episodes={n} collect.workers=1 collect.max_steps=10 experiment=smoke"
         for n in (1, 2)
     }
+    frames = sorted(r.data.metrics["frames"] for r in jobs)
+    assert sweep.data.metrics["jobs/finished"] == 2 and frames == [10, 20]
+    assert sweep.data.metrics["jobs/mean/frames"] == 15 and sweep.data.metrics["jobs/std/frames"] == 5
+
+
+def test_a_sweep_run_carries_its_finished_jobs_metrics_over_the_jobs(tmp_path):
+    """`-m … seed=0,1,2`: the score over training seeds, its spread and the table, on the sweep's run."""
+    from worldmodel.tracking.callbacks import summarise_jobs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    here, elsewhere = (client.create_experiment(n, (tmp_path / n).as_uri()) for n in "ab")
+    sweep = client.create_run(here).info.run_id  # a sweep over env= spans MLflow experiments
+    for eid, score, status in (
+        (here, 800.0, "FINISHED"),
+        (elsewhere, 900.0, "FINISHED"),
+        (here, 1.0, "FAILED"),
+    ):
+        job = client.create_run(eid, tags={"mlflow.parentRunId": sweep}).info.run_id
+        client.log_metric(job, "eval/score_mean", score)
+        client.set_terminated(job, status)
+    client.create_run(elsewhere)  # not a job of this sweep
+
+    summarise_jobs(client, sweep)
+
+    metrics = client.get_run(sweep).data.metrics
+    assert metrics["jobs/finished"] == 2, "the failed job does not count"
+    assert metrics["jobs/mean/eval/score_mean"] == 850 and metrics["jobs/std/eval/score_mean"] == 50
+    assert (metrics["jobs/min/eval/score_mean"], metrics["jobs/max/eval/score_mean"]) == (800, 900)
+    table = Path(client.download_artifacts(sweep, "jobs.csv", str(tmp_path))).read_text().splitlines()
+    assert table[0] == "run_id,run_name,eval/score_mean" and len(table) == 3
 
 
 def test_help_lists_the_stages_with_what_they_read_and_write():

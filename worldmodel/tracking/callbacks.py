@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,7 +42,11 @@ class OutputsCheck(Callback):
 
 class SweepRun(Callback):
     """A parent MLflow run per sweep (`-m`): every job's run is its child, so the UI groups a sweep. The
-    id travels to the jobs in $WORLDMODEL_SWEEP_RUN (a launcher's worker processes inherit it)."""
+    id travels to the jobs in $WORLDMODEL_SWEEP_RUN (a launcher's worker processes inherit it).
+
+    At the end, the parent carries each metric of its finished jobs over the jobs (`jobs/mean/<metric>`,
+    `jobs/std/<metric>`, min and max), and the table behind them (`jobs.csv`): a sweep over `seed=0,1,2`
+    reports the score over training seeds in one run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
@@ -67,5 +75,32 @@ class SweepRun(Callback):
                 client.log_metric(self.run_id, "best/value", float(result.best_value))
                 for key, value in result.best_params.items():
                     client.log_param(self.run_id, f"best.{key}", value)
+            summarise_jobs(client, self.run_id)
             client.set_terminated(self.run_id, "FINISHED")
             os.environ.pop(SWEEP_RUN, None)
+
+
+def summarise_jobs(client: Any, sweep_id: str) -> None:
+    """Log each metric of the sweep's FINISHED jobs over the jobs on the sweep's run, with `jobs.csv`."""
+    from mlflow.entities import Metric
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    jobs = client.search_runs(
+        experiments, f"tags.mlflow.parentRunId = '{sweep_id}' and attributes.status = 'FINISHED'"
+    )
+    now = int(time.time() * 1000)
+    summary = [Metric("jobs/finished", len(jobs), now, 0)]
+    keys = sorted({k for job in jobs for k in job.data.metrics})
+    for key in keys:
+        values = np.array([job.data.metrics[key] for job in jobs if key in job.data.metrics])
+        for name in ("mean", "std", "min", "max"):  # std over the jobs, as eval/score_std over episodes
+            summary.append(Metric(f"jobs/{name}/{key}", float(getattr(values, name)()), now, 0))
+    client.log_batch(sweep_id, metrics=summary)
+    if not jobs:
+        return
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["run_id", "run_name", *keys])
+    for job in sorted(jobs, key=lambda j: j.info.start_time):
+        writer.writerow([job.info.run_id, job.info.run_name, *(job.data.metrics.get(k, "") for k in keys)])
+    client.log_text(sweep_id, table.getvalue(), "jobs.csv")
