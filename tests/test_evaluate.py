@@ -188,6 +188,26 @@ def test_variational_dropout_holds_one_mask_per_sequence_on_z_and_the_recurrent_
     torch.testing.assert_close(torch.stack(steps, 1), rnn(z, a, masks=masks)[0].reward, rtol=1e-5, atol=1e-6)
 
 
+def test_a_reset_starts_the_memory_afresh_as_a_new_life_does():
+    """train_rnn.reset_on_done: after a done inside a record (a death, then the next life), M's memory
+    starts from zero, as the paper's restart flag, so every life is what a dream or a real episode sees."""
+    from worldmodel.stages.train_rnn import resets
+
+    torch.manual_seed(0)
+    rnn = MDNRNN(4, 3, hidden=8, mixtures=2)
+    z, a = torch.randn(2, 7, 4), torch.rand(2, 7, 3)
+    dones = torch.zeros(2, 7, dtype=torch.bool)
+    dones[0, 2] = True  # row 0: a life of 3 steps, then a new one from step 3
+    fresh = resets(dones)
+    assert fresh[0].tolist() == [False, False, False, True, False, False, False] and not fresh[1].any()
+    out, h, _ = rnn(z, a, resets=fresh)
+    _, alone, _ = rnn(z[:1, 3:], a[:1, 3:])
+    torch.testing.assert_close(h[0, 3:], alone[0], rtol=1e-5, atol=1e-6)
+    _, whole, _ = rnn(z, a)
+    torch.testing.assert_close(h[1], whole[1], rtol=1e-5, atol=1e-6)  # no done, no reset
+    assert not torch.allclose(h[0, 3:], whole[0, 3:]), "without the reset the old life runs on"
+
+
 def test_the_sampled_done_takes_the_loss_weight_out_of_the_probability():
     """The weighted BCE's optimum is logit(p) + log(w); M's done_probability gives p back."""
     rnn = MDNRNN(4, 3, hidden=8, mixtures=2, done_pos_weight=10.0)

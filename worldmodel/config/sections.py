@@ -96,6 +96,7 @@ class TrainRNN:
     dropout: float
     grad_clip: float
     buffer_episodes: int
+    reset_on_done: bool
 
     def __post_init__(self) -> None:
         require(self, positive, POSITIVE_INT, "epochs", "batch_size", "seq_len", "hidden", "mixtures")

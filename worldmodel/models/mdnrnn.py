@@ -98,22 +98,31 @@ class MDNRNN(nn.Module):
         return MDNOutput(mixture, out[..., -2], out[..., -1])
 
     def forward(
-        self, z: torch.Tensor, a: torch.Tensor, state: State | None = None, masks: Masks | None = None
+        self,
+        z: torch.Tensor,
+        a: torch.Tensor,
+        state: State | None = None,
+        masks: Masks | None = None,
+        resets: torch.Tensor | None = None,
     ) -> tuple[MDNOutput, torch.Tensor, State]:
         """Sequences z (B, T, Z), a (B, T, A) → predictions for every step, hidden states h (B, T, H).
-        With `masks` (variational dropout, one pair per sequence, from `dropout_masks`) the LSTM runs
-        step by step; without, as one nn.LSTM call."""
-        if masks is None:
+        With `masks` (variational dropout, one pair per sequence, from `dropout_masks`) or `resets`
+        (B, T) bool (the memory starts afresh before those steps: a new life, as the paper's restart
+        flag) the LSTM runs step by step; without, as one nn.LSTM call."""
+        if masks is None and resets is None:
             h, state = self.lstm(torch.cat([z, a], dim=-1), state)
             return self._heads(h), h, state
         state = state or self.initial_state(z.shape[0], z.device)
         lstm = self.lstm
         # The input half of the gates for every step at once; the recurrence step by step.
-        x = torch.cat([z * masks[0].unsqueeze(1), a], dim=-1)
+        x = torch.cat([z if masks is None else z * masks[0].unsqueeze(1), a], dim=-1)
         inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
+        keep = None if resets is None else (~resets).to(z.dtype).unbind(1)
         hs = []
-        for step in inputs.unbind(1):  # one backward for all steps (slicing would make T full-size ones)
-            state = self._cell(step, state, masks[1])
+        for t, step in enumerate(inputs.unbind(1)):  # one backward for all steps, not T full-size ones
+            if keep is not None:
+                state = (state[0] * keep[t][:, None], state[1] * keep[t][:, None])
+            state = self._cell(step, state, None if masks is None else masks[1])
             hs.append(state[0][0])
         h = torch.stack(hs, dim=1)
         return self._heads(h), h, state

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -48,16 +49,19 @@ def validate(cfg: DictConfig) -> None:
 
 @dataclass(frozen=True)
 class LossTerms:
-    """What M's loss reads: train_rnn's weights, how z is read (agent.z) and the env's terminal reward."""
+    """What M's loss reads: train_rnn's weights, how z is read (agent.z), the env's terminal reward, and
+    whether a done starts M's memory afresh (train_rnn.reset_on_done)."""
 
     reward_weight: float
     done_weight: float
     z_kind: str
     terminal_reward: float | None
+    reset_on_done: bool = False
 
     @classmethod
     def of(cls, cfg: DictConfig, hp: TrainRNN) -> LossTerms:
-        return cls(hp.reward_weight, hp.done_weight, str(cfg.agent.z), cfg.env.get("terminal_reward"))
+        terminal = cfg.env.get("terminal_reward")
+        return cls(hp.reward_weight, hp.done_weight, str(cfg.agent.z), terminal, hp.reset_on_done)
 
 
 def windows(data: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
@@ -107,7 +111,8 @@ def batch_loss(
     masks = None
     if model.training and model.dropout > 0:
         masks = tuple(m.to(device) for m in model.dropout_masks(len(b["z"]), model.dropout, generator))
-    out, _, _ = model(b["z"], b["actions"], masks=masks)
+    fresh = resets(b["dones"]) if terms.reset_on_done else None
+    out, _, _ = model(b["z"], b["actions"], masks=masks, resets=fresh)
     loss = mdn_loss(
         out,
         b["next_z"],
@@ -120,6 +125,12 @@ def batch_loss(
         failures(b, terms.terminal_reward),
     )
     return b, loss
+
+
+def resets(dones: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the steps right after a done, where a record with resets (collect.reset_on_done)
+    starts a new life, so M's memory starts afresh there as in every dream and every real episode."""
+    return F.pad(dones[:, :-1], (1, 0), value=False)
 
 
 def failures(b: dict[str, torch.Tensor], terminal_reward: float | None) -> torch.Tensor | None:
