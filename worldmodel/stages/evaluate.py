@@ -134,7 +134,7 @@ def report(
         _gifs(scorer, every, list(seeds), result.scores, max_steps, gif_steps, fps)
     m = result.metrics
     log.info(
-        "evaluation over %d unseen tracks: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
+        "evaluation over %d unseen episodes: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
         *(len(seeds), m["eval/score_mean"], m["eval/score_std"], m["eval/score_min"]),
         *(m["eval/score_median"], m["eval/score_max"]),
     )
@@ -170,7 +170,7 @@ def _histogram(scores: np.ndarray, path) -> None:
     ax.axvline(scores.mean(), color="#d1495b", label=f"mean {scores.mean():.0f} ± {scores.std():.0f}")
     ax.set_xlabel("score")
     ax.set_ylabel("tracks")
-    ax.set_title(f"{len(scores)} unseen tracks")
+    ax.set_title(f"{len(scores)} unseen episodes")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
