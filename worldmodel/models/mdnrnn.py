@@ -117,11 +117,11 @@ class MDNRNN(nn.Module):
         # The input half of the gates for every step at once; the recurrence step by step.
         x = torch.cat([z if masks is None else z * masks[0].unsqueeze(1), a], dim=-1)
         inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
-        keep = None if resets is None else (~resets).to(z.dtype).unbind(1)
+        keep = (~resets).to(z.dtype).unsqueeze(-1).unbind(1) if resets is not None else None
         hs = []
         for t, step in enumerate(inputs.unbind(1)):  # one backward for all steps, not T full-size ones
             if keep is not None:
-                state = (state[0] * keep[t][:, None], state[1] * keep[t][:, None])
+                state = (state[0] * keep[t], state[1] * keep[t])  # (1, B, H) × (B, 1)
             state = self._cell(step, state, None if masks is None else masks[1])
             hs.append(state[0][0])
         h = torch.stack(hs, dim=1)

@@ -56,7 +56,7 @@ class LossTerms:
     done_weight: float
     z_kind: str
     terminal_reward: float | None
-    reset_on_done: bool = False
+    reset_on_done: bool
 
     @classmethod
     def of(cls, cfg: DictConfig, hp: TrainRNN) -> LossTerms:
