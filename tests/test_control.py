@@ -265,6 +265,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
             "mlflow.experiment=pipeline-test",
             "pipeline.rounds=1",
             "pipeline.round_episodes=2",
+            "pipeline.round_random_episodes=1",
             "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: mean}}",
         )
     )
@@ -284,15 +285,31 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
         assert np.isfinite(run.data.metrics[key]), key
     assert run.data.params["latent.size"] == "32"
 
-    # The round: collect with the evolved controller, merge with the first data, same V, new M and C.
+    # The round: collect with the evolved controller and with random linear controllers on its M, merge
+    # with the first data, same V, new M and C.
     round_run = stages["round"]
     assert round_run.data.tags["round"] == "1" and run.data.tags["child.round_1"] == round_run.info.run_id
     inner = children_of(round_run.info.run_id)
+    collects = [
+        c
+        for c in MlflowClient().search_runs(
+            [round_run.info.experiment_id], f"tags.mlflow.parentRunId = '{round_run.info.run_id}'"
+        )
+        if c.data.tags["stage"] == "collect"
+    ]
+    assert len(collects) == 2
     assert sorted(inner) == sorted(["collect", "merge", "encode", "train_rnn", "evolve", "evaluate"])
-    assert inner["collect"].data.tags["policy"] == "controller"
-    assert inner["collect"].data.tags["upstream.evolve"] == stages["evolve"].info.run_id
+    controller = next(c for c in collects if c.data.tags["policy"] == "controller")
+    linear = next(c for c in collects if c.data.tags["policy"] == "linear_random")
+    assert controller.data.tags["upstream.evolve"] == stages["evolve"].info.run_id
+    assert linear.data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id, "the controller's M"
+    assert round_run.data.tags["child.collect_linear_random"] == linear.info.run_id
+    assert (
+        linear.data.params["collect.episodes"] == "1"
+        and linear.data.params["seed"] != controller.data.params["seed"]
+    )
     merged = inner["merge"].data.tags["upstream.collect"].split(",")
-    assert merged == [stages["collect"].info.run_id, inner["collect"].info.run_id]
+    assert merged == [stages["collect"].info.run_id, controller.info.run_id, linear.info.run_id]
     assert inner["encode"].data.tags["upstream.train_vae"] == stages["train_vae"].info.run_id
     assert inner["evaluate"].data.tags["upstream.evolve"] == inner["evolve"].info.run_id
     # the rounds' own settings; the first pass keeps the common ones
@@ -300,9 +317,9 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     assert inner["train_rnn"].data.params["train_rnn.dropout"] == "0.1"
     assert inner["evolve"].data.params["agent.z"] == "mean"
     assert stages["train_rnn"].data.params["train_rnn.seq_len"] == "8"
-    assert inner["collect"].data.params["policy.z"] == "sample", "the controller reads z as it was trained"
+    assert controller.data.params["policy.z"] == "sample", "the controller reads z as it was trained"
     with h5py.File(tracking.artifact_path(inner["merge"].info.run_id, "dataset.h5"), "r") as f:
-        assert f["images"].shape[0] == 4 + 2, "every episode so far"
+        assert f["images"].shape[0] == 4 + 2 + 1, "every episode so far"
     assert run.data.metrics["eval/score_mean"] == inner["evaluate"].data.metrics["eval/score_mean"]
 
 

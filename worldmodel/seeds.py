@@ -13,6 +13,7 @@ DREAM = 4  # dream stage: free dreams (episode)
 ROUND = 6  # pipeline rounds: the seed of round k's new episodes (round)
 NORM = 7  # evolve.normalize: the calibration rollouts (rollout), and their parameters
 FIDELITY = 8  # dream.mode=fidelity: real tracks (0, track), dreams (1, rollout), random candidates (2)
+ROUND_RANDOM = 9  # pipeline rounds: the seed of round k's random linear episodes (round)
 
 
 def seed_of(*key: int) -> int:

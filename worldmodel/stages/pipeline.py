@@ -6,13 +6,14 @@ parent carries the children's headline metrics so a sweep (`-m stage=pipeline la
 compares in one table of the MLflow UI.
 
 `pipeline.rounds` > 0 adds the paper's iterative procedure after the stages (or after `inputs.evolve`,
-e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run
-(tag `round`) whose own children collect `pipeline.round_episodes` new episodes with the latest
-controller, merge them with every episode so far, encode them with the same VAE, retrain M, evolve
-and evaluate. `pipeline.round_config` is merged into the config of every round, so the rounds can
-differ from the first pass: `{evolve: {mode: dream}}` evolves in the dream after a real-mode first
-controller collected the data (Dropout's Dream Land's setting). The parent's headline metrics are those
-of the last round.
+e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run (tag `round`)
+whose own children collect `pipeline.round_episodes` new episodes with the latest controller (and
+`pipeline.round_random_episodes` with random linear controllers acting through that controller's M: data
+of C's own kind, as Dropout's Dream Land's 10 %), merge them with every episode so far, encode them with
+the same VAE, retrain M, evolve and evaluate. `pipeline.round_config` is merged into the config of every
+round, so the rounds can differ from the first pass: `{evolve: {mode: dream}}` evolves in the dream
+after a real-mode first controller collected the data (Dropout's Dream Land's setting). The parent's
+headline metrics are those of the last round.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
 from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, positive_int, resumable
-from worldmodel.seeds import ROUND, seed_of
+from worldmodel.seeds import ROUND, ROUND_RANDOM, seed_of
 
 log = logging.getLogger(__name__)
 # child metric → parent metric
@@ -67,6 +68,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg, "pipeline.rounds", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
     if cfg.pipeline.rounds:
         positive_int(cfg, "pipeline.round_episodes")
+        check(cfg, "pipeline.round_random_episodes", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
         _check_round_config(cfg)
         check(
             cfg,
@@ -152,8 +154,30 @@ def _round(cfg: DictConfig, k: int) -> None:
     with tracking.stage_run(cfg, "round", ["pipeline"], tags={"round": str(k)}) as run:
         log.info("pipeline: round %d, collecting with controller %s", k, evolve.info.run_id)
         _run_stages(cfg, ROUND_STAGES[:1])
-        with open_dict(cfg):  # every episode so far: the earlier collect runs and this one
-            cfg.inputs.collect = [*tracking.upstream(merge, "collect").split(","), cfg.inputs.collect]
+        new = [cfg.inputs.collect, *_random_linear_collect(cfg, evolve, k)]
+        with open_dict(cfg):  # every episode so far: the earlier collect runs and this round's
+            cfg.inputs.collect = [*tracking.upstream(merge, "collect").split(","), *new]
         _run_stages(cfg, ROUND_STAGES[1:])
     mlflow.log_metrics(mlflow.get_run(run.info.run_id).data.metrics)  # the parent shows the last round
     mlflow.set_tag(f"child.round_{k}", run.info.run_id)
+
+
+def _random_linear_collect(cfg: DictConfig, evolve, k: int) -> list[str]:
+    """Round k's `pipeline.round_random_episodes` episodes of random linear controllers on [z, h], read
+    through the M of the controller that collected this round (none when the count is 0)."""
+    episodes = int(cfg.pipeline.get("round_random_episodes") or 0)
+    if not episodes:
+        return []
+    cfg = cfg.copy()
+    policy = OmegaConf.load(CONFIG_DIR / "policy" / "linear_random.yaml")
+    rnn = tracking.upstream_run(evolve, "train_rnn")
+    policy.run_id = rnn.info.run_id
+    with open_dict(cfg):
+        cfg.policy = policy
+        cfg.agent.z = rnn.data.params.get("agent.z", cfg.agent.z)  # as that M was trained
+        cfg.seed = seed_of(cfg.seed, ROUND_RANDOM, k) % 2**31  # tracks of their own
+        cfg.collect.episodes = episodes
+    log.info("pipeline: round %d, %d episodes of random linear controllers", k, episodes)
+    child = importlib.import_module("worldmodel.stages.collect").run(cfg)
+    mlflow.set_tag("child.collect_linear_random", child)
+    return [child]
