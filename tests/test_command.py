@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import runpy
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from tests.fingerprint import check_golden
 from worldmodel.config import PROJECT_ROOT, STAGES
@@ -166,8 +168,9 @@ def test_a_sweep_is_one_parent_run_whose_jobs_are_named_by_what_differs(tmp_path
 
 
 def test_a_sweep_run_carries_its_finished_jobs_metrics_over_the_jobs(tmp_path):
-    """`-m … seed=0,1,2`: the score over training seeds, its spread and the table, on the sweep's run."""
-    from worldmodel.tracking.callbacks import summarise_jobs
+    """`-m … seed=0,1,2`: the score over training seeds, its spread and the table, on the sweep's run;
+    the learning curves of the jobs' evolve runs against core-hours."""
+    from worldmodel.tracking.sweeps import summarise_jobs
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     here, elsewhere = (client.create_experiment(n, (tmp_path / n).as_uri()) for n in "ab")
@@ -181,6 +184,14 @@ def test_a_sweep_run_carries_its_finished_jobs_metrics_over_the_jobs(tmp_path):
         client.log_metric(job, "eval/score_mean", score)
         client.set_terminated(job, status)
     client.create_run(elsewhere)  # not a job of this sweep
+    job = client.search_runs([here], "metrics.`eval/score_mean` = 800")[0]
+    start = job.info.start_time
+    evolve = client.create_run(
+        here, start_time=start, tags={"pipeline": job.info.run_id, "stage": "evolve", "cores": "2"}
+    )
+    for gen in range(3):  # one generation every half hour on 2 cores: 1 core-hour a generation
+        client.log_metric(evolve.info.run_id, "fitness/mean", 100.0 * gen, start + (gen + 1) * 1_800_000, gen)
+    client.log_metric(evolve.info.run_id, "real/check_score", 750.0, start + 3_600_000, 1)
 
     summarise_jobs(client, sweep)
 
@@ -190,6 +201,14 @@ def test_a_sweep_run_carries_its_finished_jobs_metrics_over_the_jobs(tmp_path):
     assert (metrics["jobs/min/eval/score_mean"], metrics["jobs/max/eval/score_mean"]) == (800, 900)
     table = Path(client.download_artifacts(sweep, "jobs.csv", str(tmp_path))).read_text().splitlines()
     assert table[0] == "run_id,run_name,eval/score_mean" and len(table) == 3
+    with open(client.download_artifacts(sweep, "learning_curves.csv", str(tmp_path))) as f:
+        curve = list(csv.DictReader(f))
+    assert [float(r["core_hours"]) for r in curve] == [1.0, 2.0, 3.0]
+    assert [float(r["fitness/mean"]) for r in curve] == [0.0, 100.0, 200.0]
+    assert [r["real/check_score"] for r in curve] == ["", "750.0", ""]
+    assert {r["eval/score_mean"] for r in curve} == {"800.0"}, "the job's score, for its star"
+    png = client.download_artifacts(sweep, "learning_curves.png", str(tmp_path))
+    assert Image.open(png).size == (800, 500)
 
 
 def test_help_lists_the_stages_with_what_they_read_and_write():

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.errors import WorldModelError
 from worldmodel.files import check_room
+from worldmodel.tracking.sweeps import summarise_jobs
 
 SWEEP_RUN = "WORLDMODEL_SWEEP_RUN"  # the sweep's parent run id, for every job (in any launcher)
 
@@ -78,29 +75,3 @@ class SweepRun(Callback):
             summarise_jobs(client, self.run_id)
             client.set_terminated(self.run_id, "FINISHED")
             os.environ.pop(SWEEP_RUN, None)
-
-
-def summarise_jobs(client: Any, sweep_id: str) -> None:
-    """Log each metric of the sweep's FINISHED jobs over the jobs on the sweep's run, with `jobs.csv`."""
-    from mlflow.entities import Metric
-
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    jobs = client.search_runs(
-        experiments, f"tags.mlflow.parentRunId = '{sweep_id}' and attributes.status = 'FINISHED'"
-    )
-    now = int(time.time() * 1000)
-    summary = [Metric("jobs/finished", len(jobs), now, 0)]
-    keys = sorted({k for job in jobs for k in job.data.metrics})
-    for key in keys:
-        values = np.array([job.data.metrics[key] for job in jobs if key in job.data.metrics])
-        for name in ("mean", "std", "min", "max"):  # std over the jobs, as eval/score_std over episodes
-            summary.append(Metric(f"jobs/{name}/{key}", float(getattr(values, name)()), now, 0))
-    client.log_batch(sweep_id, metrics=summary)
-    if not jobs:
-        return
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["run_id", "run_name", *keys])
-    for job in sorted(jobs, key=lambda j: j.info.start_time):
-        writer.writerow([job.info.run_id, job.info.run_name, *(job.data.metrics.get(k, "") for k in keys)])
-    client.log_text(sweep_id, table.getvalue(), "jobs.csv")

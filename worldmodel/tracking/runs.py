@@ -172,6 +172,7 @@ def _tags(
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
         "backend": str(cfg.backend.name),
+        "cores": str(len(os.sched_getaffinity(0))),  # what a sweep's learning curves count core-hours by
         **tags,
     }
     if cfg.mlflow.pipeline:
