@@ -338,3 +338,5 @@ def test_pipeline_round_config_is_validated_before_any_work(smoke):
         run_stage(smoke(*rounds, "pipeline.round_config={evolve: {mode: drem}}"))
     with pytest.raises(WorldModelError, match="pipeline.round_config"):
         run_stage(smoke(*rounds, "pipeline.round_config={inputs: {evolve: x}}"))
+    with pytest.raises(WorldModelError, match="pipeline.round_random_episodes"):
+        run_stage(smoke(*rounds, "pipeline.round_random_episodes=-1"))
