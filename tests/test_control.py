@@ -340,3 +340,24 @@ def test_pipeline_round_config_is_validated_before_any_work(smoke):
         run_stage(smoke(*rounds, "pipeline.round_config={inputs: {evolve: x}}"))
     with pytest.raises(WorldModelError, match="pipeline.round_random_episodes"):
         run_stage(smoke(*rounds, "pipeline.round_random_episodes=-1"))
+
+
+def test_a_noisy_controller_drifts_off_its_line_the_same_way_with_any_worker_count(smoke, evolve_run):
+    """policy.noise: the controller's action plus a correlated offset, clipped to the box, seeded per
+    episode (so the worker count changes nothing)."""
+    common = ("stage=collect", "policy=controller", f"policy.run_id={evolve_run}", "collect.episodes=2")
+    plain = run_stage(smoke(*common, "collect.workers=1"))
+    noisy = [run_stage(smoke(*common, "policy.noise=[0.3,0.3,0.1]", f"collect.workers={w}")) for w in (1, 2)]
+    tracking.setup(smoke())
+    read = []
+    for rid in (plain, *noisy):
+        with h5py.File(tracking.artifact_path(rid, "shards/shard_00000.h5"), "r") as f:
+            read.append(f["actions"][:])
+    clean, drifted, again = read
+    np.testing.assert_array_equal(drifted, again, err_msg="the worker count changes nothing")
+    assert np.all(drifted[..., 0] >= -1) and np.all(drifted[..., 1:] >= 0) and np.all(drifted <= 1)
+    offset = (drifted - clean)[..., :2].reshape(2, 40, 2)  # gas and steering; the brake is mostly clipped
+    lag1 = np.corrcoef(offset[:, 1:].ravel(), offset[:, :-1].ravel())[0, 1]
+    assert np.abs(offset).mean() > 0.05 and lag1 > 0.5, "a drift that lasts, not jitter"
+    with pytest.raises(WorldModelError, match="policy.noise"):
+        run_stage(smoke(*common, "policy.noise=-0.1"))

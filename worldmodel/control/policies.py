@@ -215,7 +215,10 @@ class HoldRandomPolicy(Policy):
 class ControllerPolicy(Policy):
     """A controller evolved by an evolve run, acting through its VAE and MDN-RNN (the paper's
     iterative procedure: collect again with a trained agent). `paths` holds the checkpoint files,
-    filled in by the collect stage from `run_id`."""
+    filled in by the collect stage from `run_id`. `noise` > 0 (box actions): the controller's action plus
+    an Ornstein-Uhlenbeck offset of that stationary std (one per action dimension, or one for all),
+    correlated over ~`noise_steps` steps, clipped to the box: a driver who drifts off its line and
+    recovers, so M sees what actions do where the driver alone would not act so."""
 
     acts_through = "evolve"
     _agents: dict = {}  # one loaded agent per process and checkpoint set
@@ -228,9 +231,19 @@ class ControllerPolicy(Policy):
         paths: dict | None = None,
         name: str = "controller",
         z: str = "mean",
+        noise: float | Sequence[float] = 0.0,
+        noise_steps: int = 10,
     ) -> None:
         super().__init__(space, rng, name)
         from worldmodel.control.agent import Agent, load_rnn, load_vae, worker_inference
+
+        self.noise = np.broadcast_to(_floats(noise), (space.dim,))
+        self.keep = 1.0 - 1.0 / float(noise_steps)  # the offset's memory per step
+        self.offset = np.zeros(space.dim, np.float32)
+        if self.noise.any() and space.kind != "box":
+            raise WorldModelError(
+                f"config key 'policy.noise' must be 0 for {space.kind} actions (got {noise})"
+            )
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
@@ -262,11 +275,26 @@ class ControllerPolicy(Policy):
     def new_track(self) -> None:
         self.agent.reset([int(self.rng.integers(2**31))])
 
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        noise = cfg.policy.get("noise", 0.0)
+        check(cfg, "policy.noise", lambda v: np.all(_floats(v) >= 0), "≥ 0, or a list of them")
+        if np.any(_floats(noise) > 0):
+            positive_int(cfg, "policy.noise_steps")
+
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
             self.new_track()
         with self._settings():
-            return self.agent.act(frame[None])[0]
+            action = self.agent.act(frame[None])[0]
+        if not self.noise.any():
+            return action
+        if t == 0:
+            self.offset[:] = 0.0
+        # stationary std = noise: the innovation's std is noise · √(1 − keep²)
+        innovation = self.noise * math.sqrt(1.0 - self.keep**2) * self.rng.standard_normal(self.space.dim)
+        self.offset = (self.keep * self.offset + innovation).astype(np.float32)
+        return np.clip(action + self.offset, self.space.low, self.space.high).astype(np.float32)
 
 
 class LinearRandomPolicy(ControllerPolicy):
@@ -323,6 +351,11 @@ class LinearRandomPolicy(ControllerPolicy):
         if t == 0:
             self.agent.set_params(self.params)
         return super().act(frame, t)
+
+
+def _floats(value: float | Sequence[float]) -> np.ndarray:
+    """A number or a list of them (an OmegaConf ListConfig too) as float32."""
+    return np.asarray(value if np.isscalar(value) else list(value), np.float32)
 
 
 def validate(cfg: DictConfig) -> None:

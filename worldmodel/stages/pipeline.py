@@ -7,8 +7,9 @@ compares in one table of the MLflow UI.
 
 `pipeline.rounds` > 0 adds the paper's iterative procedure after the stages (or after `inputs.evolve`,
 e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run (tag `round`)
-whose own children collect `pipeline.round_episodes` new episodes with the latest controller (and
-`pipeline.round_random_episodes` with random linear controllers acting through that controller's M: data
+whose own children collect `pipeline.round_episodes` new episodes with the latest controller (its
+actions perturbed by `pipeline.round_noise`, as `policy.noise` does) and
+`pipeline.round_random_episodes` with random linear controllers acting through that controller's M (data
 of C's own kind, as Dropout's Dream Land's 10 %), merge them with every episode so far, encode them with
 the same VAE, retrain M, evolve and evaluate. `pipeline.round_config` is merged into the config of every
 round, so the rounds can differ from the first pass: `{evolve: {mode: dream}}` evolves in the dream
@@ -22,6 +23,7 @@ import importlib
 import logging
 
 import mlflow
+import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
@@ -69,6 +71,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.pipeline.rounds:
         positive_int(cfg, "pipeline.round_episodes")
         check(cfg, "pipeline.round_random_episodes", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
+        check(
+            cfg,
+            "pipeline.round_noise",
+            lambda v: np.all(np.asarray(list(v) if not np.isscalar(v) else v) >= 0),
+            "≥ 0, or a list of them",
+        )
         _check_round_config(cfg)
         check(
             cfg,
@@ -143,6 +151,7 @@ def _round(cfg: DictConfig, k: int) -> None:
     merge = tracking.upstream_run(encode, "merge")
     policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
     policy.run_id = evolve.info.run_id
+    policy.noise = cfg.pipeline.get("round_noise", 0.0)
     with open_dict(cfg):
         for section, values in (cfg.pipeline.round_config or {}).items():
             cfg[section] = OmegaConf.merge(cfg[section], values)
