@@ -266,6 +266,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
             "pipeline.rounds=1",
             "pipeline.round_episodes=2",
             "pipeline.round_random_episodes=1",
+            "pipeline.round_noise=0.2",
             "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: mean}}",
         )
     )
@@ -302,6 +303,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     controller = next(c for c in collects if c.data.tags["policy"] == "controller")
     linear = next(c for c in collects if c.data.tags["policy"] == "linear_random")
     assert controller.data.tags["upstream.evolve"] == stages["evolve"].info.run_id
+    assert controller.data.params["policy.noise"] == "0.2", "pipeline.round_noise"
     assert linear.data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id, "the controller's M"
     assert round_run.data.tags["child.collect_linear_random"] == linear.info.run_id
     assert (
