@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageSequence
 
 # Metrics that time the machine, and params and tags that name runs, paths or the host.
-TIMED = re.compile(r"(per_s|seconds|_s$|/s$|elapsed|wall|duration|^system/|fps|speed|ratio_to)")
+TIMED = re.compile(r"(^progress/|per_s|seconds|_s$|/s$|elapsed|wall|duration|^system/|fps|speed|ratio_to)")
 VOLATILE_PARAM = re.compile(r"^(paths\.|mlflow\.|inputs\.|hydra)|_target_$")
 # MLflow names each image of a series by its step, a timestamp and a uuid.
 IMAGE_SERIES = re.compile(r"\+timestamp\+\d+\+[0-9a-f-]+")
