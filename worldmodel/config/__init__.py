@@ -181,6 +181,20 @@ def positive_number(cfg: DictConfig, *keys: str) -> None:
         )
 
 
+def non_negative_numbers(cfg: DictConfig, *keys: str) -> None:
+    """Each key a number ≥ 0, or a list of them (one per action dimension, say)."""
+    for key in keys:
+        check(
+            cfg,
+            key,
+            lambda v: all(
+                isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+                for x in (v if isinstance(v, list) else [v])
+            ),
+            "a number ≥ 0, or a list of them",
+        )
+
+
 def one_of(cfg: DictConfig, key: str, choices: Iterable[Any]) -> None:
     choices = list(choices)
     check(cfg, key, lambda v: v in choices, f"one of {choices}")

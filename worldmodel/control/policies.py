@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.config import check, is_int, positive_int, positive_number
+from worldmodel.config import check, is_int, non_negative_numbers, positive_int, positive_number
 from worldmodel.envs.pixels import ActionSpace, action_space
 from worldmodel.errors import WorldModelError
 
@@ -237,8 +237,9 @@ class ControllerPolicy(Policy):
         super().__init__(space, rng, name)
         from worldmodel.control.agent import Agent, load_rnn, load_vae, worker_inference
 
-        self.noise = np.broadcast_to(_floats(noise), (space.dim,))
+        self.noise = np.broadcast_to(np.asarray(noise, np.float32), (space.dim,))
         self.keep = 1.0 - 1.0 / float(noise_steps)  # the offset's memory per step
+        self.innovation = self.noise * math.sqrt(1.0 - self.keep**2)  # so the offset's std is `noise`
         self.offset = np.zeros(space.dim, np.float32)
         if self.noise.any() and space.kind != "box":
             raise WorldModelError(
@@ -277,9 +278,8 @@ class ControllerPolicy(Policy):
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
-        noise = cfg.policy.get("noise", 0.0)
-        check(cfg, "policy.noise", lambda v: np.all(_floats(v) >= 0), "≥ 0, or a list of them")
-        if np.any(_floats(noise) > 0):
+        non_negative_numbers(cfg, "policy.noise")
+        if np.any(np.asarray(OmegaConf.to_container(cfg.policy, resolve=True).get("noise", 0.0)) > 0):
             positive_int(cfg, "policy.noise_steps")
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
@@ -290,10 +290,9 @@ class ControllerPolicy(Policy):
         if not self.noise.any():
             return action
         if t == 0:
-            self.offset[:] = 0.0
-        # stationary std = noise: the innovation's std is noise · √(1 − keep²)
-        innovation = self.noise * math.sqrt(1.0 - self.keep**2) * self.rng.standard_normal(self.space.dim)
-        self.offset = (self.keep * self.offset + innovation).astype(np.float32)
+            self.offset = np.zeros(self.space.dim, np.float32)
+        step = self.innovation * self.rng.standard_normal(self.space.dim)
+        self.offset = (self.keep * self.offset + step).astype(np.float32)
         return np.clip(action + self.offset, self.space.low, self.space.high).astype(np.float32)
 
 
@@ -351,11 +350,6 @@ class LinearRandomPolicy(ControllerPolicy):
         if t == 0:
             self.agent.set_params(self.params)
         return super().act(frame, t)
-
-
-def _floats(value: float | Sequence[float]) -> np.ndarray:
-    """A number or a list of them (an OmegaConf ListConfig too) as float32."""
-    return np.asarray(value if np.isscalar(value) else list(value), np.float32)
 
 
 def validate(cfg: DictConfig) -> None:

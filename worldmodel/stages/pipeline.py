@@ -23,11 +23,10 @@ import importlib
 import logging
 
 import mlflow
-import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from worldmodel import tracking
-from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, positive_int, resumable
+from worldmodel.config import CONFIG_DIR, STAGES, check, is_int, non_negative_numbers, positive_int, resumable
 from worldmodel.seeds import ROUND, ROUND_RANDOM, seed_of
 
 log = logging.getLogger(__name__)
@@ -71,12 +70,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.pipeline.rounds:
         positive_int(cfg, "pipeline.round_episodes")
         check(cfg, "pipeline.round_random_episodes", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
-        check(
-            cfg,
-            "pipeline.round_noise",
-            lambda v: np.all(np.asarray(list(v) if not np.isscalar(v) else v) >= 0),
-            "≥ 0, or a list of them",
-        )
+        non_negative_numbers(cfg, "pipeline.round_noise")
         _check_round_config(cfg)
         check(
             cfg,
