@@ -267,6 +267,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
             "pipeline.round_episodes=2",
             "pipeline.round_random_episodes=1",
             "pipeline.round_noise=0.2",
+            "pipeline.round_noise_steps=5",
             "pipeline.round_config={train_rnn: {seq_len: 10, dropout: 0.1}, agent: {z: mean}}",
         )
     )
@@ -304,6 +305,7 @@ def test_pipeline_parent_with_a_child_per_stage_and_a_round(smoke, tmp_path):
     linear = next(c for c in collects if c.data.tags["policy"] == "linear_random")
     assert controller.data.tags["upstream.evolve"] == stages["evolve"].info.run_id
     assert controller.data.params["policy.noise"] == "0.2", "pipeline.round_noise"
+    assert controller.data.params["policy.noise_steps"] == "5", "pipeline.round_noise_steps"
     assert linear.data.tags["upstream.train_rnn"] == stages["train_rnn"].info.run_id, "the controller's M"
     assert round_run.data.tags["child.collect_linear_random"] == linear.info.run_id
     assert (
@@ -363,3 +365,7 @@ def test_a_noisy_controller_drifts_off_its_line_the_same_way_with_any_worker_cou
     assert np.abs(offset).mean() > 0.05 and lag1 > 0.5, "a drift that lasts, not jitter"
     with pytest.raises(WorldModelError, match="policy.noise"):
         run_stage(smoke(*common, "policy.noise=-0.1"))
+    runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    with pytest.raises(WorldModelError, match="'policy.noise' must be 0 for discrete"):
+        run_stage(smoke(*common, "env=cartpole", "policy.noise=0.2"))
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs, "no new run"

@@ -143,6 +143,23 @@ def test_fidelity_check_scores_probes_random_and_named_controllers(smoke, evolve
     assert {"fidelity/dream_vs_real.png", "fidelity/controllers.csv", "fidelity/reward_blocks.csv"} <= names
     blocks = MlflowClient().get_metric_history(run_id, "fidelity/reward_mse")
     assert len(blocks) >= 1 and all(np.isfinite(b.value) for b in blocks)
+    assert np.isfinite(m["fidelity/action_nll_gain"]) and np.isfinite(m["fidelity/action_reward_mse_gain"])
+
+
+def test_action_sensitivity_is_zero_for_an_m_deaf_to_the_actions():
+    from worldmodel.control.fidelity import action_sensitivity
+    from worldmodel.models.mdnrnn import MDNRNN
+
+    torch.manual_seed(0)
+    rnn = MDNRNN(latent=4, action_dim=3, hidden=16, mixtures=2).eval()
+    z, a, r = torch.randn(3, 20, 4), torch.rand(3, 20, 3), torch.randn(3, 20)
+    heard = action_sensitivity(rnn, z, a, r)
+    assert heard.nll_foreign != pytest.approx(heard.nll, abs=1e-6), "a random M reads the actions"
+    with torch.no_grad():
+        rnn.lstm.weight_ih_l0[:, 4:] = 0  # the columns that read the action
+    deaf = action_sensitivity(rnn, z, a, r)
+    assert deaf.nll_foreign == pytest.approx(deaf.nll, abs=1e-6)
+    assert deaf.reward_mse_foreign == pytest.approx(deaf.reward_mse, abs=1e-6)
 
 
 def test_linear_random_collects_cs_own_kind_of_actions(smoke, rnn_run):

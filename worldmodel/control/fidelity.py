@@ -6,7 +6,10 @@ settings) and in the real env, and reports the Spearman rank correlation of the 
 constant-action probes (a controller with zero weights whose biases give the action: idle, gas, gas +
 brake, ...), random candidates as CMA-ES's first generation draws them, and any evolve run's controller.
 Teacher-forced over whole held-out episodes, it also reports M's reward error per block of steps,
-where a dream's return comes from.
+where a dream's return comes from, and whether M listens to the actions at all: its loss on the same
+episodes with actions from another moment fed in. A world whose data came from one driver can predict
+the next frame from the frames alone (the driver's action follows from what it sees); then every
+controller drives as the driver did in its dream.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from worldmodel.models.controller import Controller
-from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.models.mdnrnn import MDNRNN, mdn_loss
 
 # Box probes (CarRacing: steer, gas, brake); a discrete env gets one probe per action instead.
 BOX_PROBES = {
@@ -123,6 +126,32 @@ def reward_blocks(
         per_block(p_done).sum(2).mean(0).numpy(),
         per_block(dones.float()).sum(2).mean(0).numpy(),
     )
+
+
+@dataclass
+class ActionSensitivity:
+    """M's teacher-forced loss with each episode's own actions and with those of another moment."""
+
+    nll: float  # mixture NLL of z_{t+1} per latent dimension, own actions
+    nll_foreign: float  # the same with the actions of another moment
+    reward_mse: float
+    reward_mse_foreign: float
+
+
+@torch.no_grad()
+def action_sensitivity(
+    rnn: MDNRNN, z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor
+) -> ActionSensitivity:
+    """z, actions, rewards: whole episodes (E, T, ...) of equal length. For the foreign loss each
+    episode is fed its own actions from half an episode later (rolled in time): actions of the same
+    kind that do not belong to these frames. If the two losses match, M ignores what the controller does."""
+
+    def loss(a: torch.Tensor):
+        out, _, _ = rnn(z[:, :-1], a[:, :-1])
+        return mdn_loss(out, z[:, 1:], rewards[:, :-1], torch.zeros_like(rewards[:, :-1]))
+
+    own, foreign = loss(actions), loss(actions.roll(actions.shape[1] // 2, dims=1))
+    return ActionSensitivity(float(own.nll), float(foreign.nll), float(own.reward), float(foreign.reward))
 
 
 def scatter(names: list[str], dream: np.ndarray, real: np.ndarray, rho: float, path) -> None:

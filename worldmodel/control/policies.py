@@ -279,8 +279,12 @@ class ControllerPolicy(Policy):
     @staticmethod
     def check(cfg: DictConfig) -> None:
         non_negative_numbers(cfg, "policy.noise")
-        if np.any(np.asarray(OmegaConf.to_container(cfg.policy, resolve=True).get("noise", 0.0)) > 0):
+        noise = OmegaConf.to_container(cfg.policy, resolve=True).get("noise", 0.0)
+        if np.any(np.asarray(noise) > 0):
             positive_int(cfg, "policy.noise_steps")
+            kind = cfg.env.get("action", {}).get("kind", "box")
+            if kind != "box":  # before any run: the offset is a drift in a continuous box
+                raise WorldModelError(f"config key 'policy.noise' must be 0 for {kind} actions (got {noise})")
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:

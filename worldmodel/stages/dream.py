@@ -12,6 +12,9 @@
   `fidelity/spearman`, the scatter plot `fidelity/dream_vs_real.png` with its table
   `fidelity/controllers.csv`, and M's teacher-forced reward error per `dream.fidelity_block` steps
   over the held-out episodes (`fidelity/reward_blocks.csv`, metric `fidelity/reward_mse` by block).
+  Whether M listens to the actions: `fidelity/action_nll_gain` and `fidelity/action_reward_mse_gain`,
+  how much its loss on those episodes grows when each is fed its actions from half an episode later (≈ 0: it
+  ignores them, and every controller drives alike in its dream).
 """
 
 from __future__ import annotations
@@ -314,3 +317,19 @@ def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
             {k: round(v, 2) for k, v in row.items() if k != "steps"},
         )
     _write_csv("fidelity/reward_blocks.csv", rows)
+    heard = fidelity.action_sensitivity(
+        rnn, z, *(torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards"))
+    )
+    mlflow.log_metrics(
+        {
+            "fidelity/action_nll_gain": heard.nll_foreign - heard.nll,
+            "fidelity/action_reward_mse_gain": heard.reward_mse_foreign - heard.reward_mse,
+        }
+    )
+    log.info(
+        "fidelity: with the actions of another moment, M's NLL %.3f → %.3f and its reward MSE %.2f → %.2f",
+        heard.nll,
+        heard.nll_foreign,
+        heard.reward_mse,
+        heard.reward_mse_foreign,
+    )

@@ -8,7 +8,7 @@ compares in one table of the MLflow UI.
 `pipeline.rounds` > 0 adds the paper's iterative procedure after the stages (or after `inputs.evolve`,
 e.g. `pipeline.stages=[evaluate,evaluate] inputs.evolve=<id>`): each round is a child run (tag `round`)
 whose own children collect `pipeline.round_episodes` new episodes with the latest controller (its
-actions perturbed by `pipeline.round_noise`, as `policy.noise` does) and
+actions perturbed by `pipeline.round_noise` over `pipeline.round_noise_steps`, as `policy.noise` does) and
 `pipeline.round_random_episodes` with random linear controllers acting through that controller's M (data
 of C's own kind, as Dropout's Dream Land's 10 %), merge them with every episode so far, encode them with
 the same VAE, retrain M, evolve and evaluate. `pipeline.round_config` is merged into the config of every
@@ -71,6 +71,7 @@ def validate(cfg: DictConfig) -> None:
         positive_int(cfg, "pipeline.round_episodes")
         check(cfg, "pipeline.round_random_episodes", lambda v: is_int(v) and v >= 0, "an integer ≥ 0")
         non_negative_numbers(cfg, "pipeline.round_noise")
+        positive_int(cfg, "pipeline.round_noise_steps")
         _check_round_config(cfg)
         check(
             cfg,
@@ -146,6 +147,7 @@ def _round(cfg: DictConfig, k: int) -> None:
     policy = OmegaConf.load(CONFIG_DIR / "policy" / "controller.yaml")
     policy.run_id = evolve.info.run_id
     policy.noise = cfg.pipeline.get("round_noise", 0.0)
+    policy.noise_steps = cfg.pipeline.get("round_noise_steps", policy.noise_steps)
     with open_dict(cfg):
         for section, values in (cfg.pipeline.round_config or {}).items():
             cfg[section] = OmegaConf.merge(cfg[section], values)
