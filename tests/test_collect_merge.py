@@ -200,3 +200,42 @@ def test_a_packed_episode_writes_the_same_chunks_and_frames(tmp_path):
             raw[name] = [f["images"].id.read_direct_chunk((1, t, 0, 0, 0))[1] for t in (0, 25, 50)]
     assert raw["plain"] == raw["packed"], "the bytes HDF5 itself would have written"
     rollouts.verify(tmp_path / "packed.h5", "")
+
+
+class _TimedEnv:
+    """A stand-in pixel env that ends its episode after `end` steps: by its time limit (truncated) or
+    by the world (terminated)."""
+
+    def __init__(self, space, size: int, end: int, terminates: bool) -> None:
+        self.space, self.size, self.end, self.terminates, self.t = space, size, end, terminates, 0
+
+    def reset(self, seed=None, state=None) -> np.ndarray:
+        self.t = 0
+        return np.zeros((self.size, self.size, 3), np.uint8)
+
+    def step(self, action):
+        self.t += 1
+        ended = self.t == self.end
+        frame = np.zeros((self.size, self.size, 3), np.uint8)
+        return frame, -0.1, ended and self.terminates, ended and not self.terminates
+
+
+@pytest.mark.parametrize("terminates", [False, True])
+@pytest.mark.parametrize("reset_on_done", [False, True])
+def test_a_time_limit_is_not_a_done_unless_the_record_goes_on(smoke, monkeypatch, terminates, reset_on_done):
+    """M's done head learns how the world ends an episode: CarRacing's 1000-step limit is the clock, and
+    a done learned from it would end dreams at random, each paying the −100 of leaving the track."""
+    from worldmodel.control import episodes
+    from worldmodel.envs.pixels import action_space
+
+    cfg = smoke("collect.max_steps=12", f"collect.reset_on_done={str(reset_on_done).lower()}")
+    env = _TimedEnv(action_space(cfg.env), int(cfg.env.image_size), end=5, terminates=terminates)
+    monkeypatch.setattr(episodes, "_ENVS", {episodes.OmegaConf.to_yaml(cfg.env): env})
+    ep = episodes.run_episode(cfg, 0)
+    marked = terminates or reset_on_done  # a record with resets marks every cut
+    assert ep.length == (12 if reset_on_done else 5)
+    assert bool(ep.dones[4]) == marked and not ep.dones[:4].any()
+    if reset_on_done:
+        assert bool(ep.dones[9]) == marked and not ep.dones[5:9].any() and not ep.dones[10:].any()
+    else:
+        assert ep.dones[5:].all(), "the padding after the end counts as done"

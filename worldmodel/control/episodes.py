@@ -42,8 +42,11 @@ def run_episode(cfg: DictConfig, index: int) -> Episode:
         images[t] = frame
         actions[t] = policy.act(frame, t)
         frame, rewards[t], terminated, truncated = env.step(actions[t])
-        dones[t] = terminated or truncated
-        if dones[t]:
+        # M's done head learns how the world ends an episode; a time limit is the clock, not the world
+        # (a done learned from it ends dreams at random, and the dream pays −100 for it). A record with
+        # resets marks every cut, as the next step is a new track.
+        dones[t] = terminated or (truncated and reset_on_done)
+        if terminated or truncated:
             if not reset_on_done:
                 length = t + 1
                 break

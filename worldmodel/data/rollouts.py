@@ -3,7 +3,7 @@
     images   uint8   (E, T, H, W, 3)   chunked (1, chunk_frames, H, W, 3), gzip, fletcher32
     actions  float32 (E, T, A)
     rewards  float32 (E, T)
-    dones    bool    (E, T)
+    dones    bool    (E, T)   the world ended the episode (terminated); the env's time limit is not a done
     lengths  int32   (E,)     valid steps; T unless collected with reset_on_done=false
     episode  int64   (E,)     the episode's index in its collect run (its seed is (seed, episode))
 
