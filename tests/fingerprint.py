@@ -144,8 +144,11 @@ def run_print(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def platform_key() -> str:
-    """What float results depend on: torch's build, the CPU's vector instructions and torch's threads."""
-    cpu = f"{torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+    """What float results depend on: torch's build, the CPU's vector instructions and torch's threads.
+    A CPU with AMX tiles (Sapphire Rapids and later) reports AVX512 like its predecessors, but oneDNN
+    picks other kernels there: the VAE's first epoch already differs, from identical data."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    cpu = f"{torch.backends.cpu.get_cpu_capability()}{', AMX' if amx else ''}, {platform.machine()}"
     return f"torch {torch.__version__}, {cpu}, {fresh_threads()} threads"
 
 
