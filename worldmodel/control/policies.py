@@ -241,10 +241,7 @@ class ControllerPolicy(Policy):
         self.keep = 1.0 - 1.0 / float(noise_steps)  # the offset's memory per step
         self.innovation = self.noise * math.sqrt(1.0 - self.keep**2)  # so the offset's std is `noise`
         self.offset = np.zeros(space.dim, np.float32)
-        if self.noise.any() and space.kind != "box":
-            raise WorldModelError(
-                f"config key 'policy.noise' must be 0 for {space.kind} actions (got {noise})"
-            )
+        _drift_fits(space.kind, noise)
 
         if not paths:
             raise WorldModelError("policy=controller: no checkpoints resolved; run it through stage=collect")
@@ -282,9 +279,7 @@ class ControllerPolicy(Policy):
         noise = OmegaConf.to_container(cfg.policy, resolve=True).get("noise", 0.0)
         if np.any(np.asarray(noise) > 0):
             positive_int(cfg, "policy.noise_steps")
-            kind = cfg.env.get("action", {}).get("kind", "box")
-            if kind != "box":  # before any run: the offset is a drift in a continuous box
-                raise WorldModelError(f"config key 'policy.noise' must be 0 for {kind} actions (got {noise})")
+            _drift_fits(action_space(cfg.env).kind, noise)  # before any run
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
@@ -354,6 +349,12 @@ class LinearRandomPolicy(ControllerPolicy):
         if t == 0:
             self.agent.set_params(self.params)
         return super().act(frame, t)
+
+
+def _drift_fits(kind: str, noise) -> None:
+    """The controller's action noise is a drift in a continuous box: refused for other actions."""
+    if np.any(np.asarray(noise) > 0) and kind != "box":
+        raise WorldModelError(f"config key 'policy.noise' must be 0 for {kind} actions (got {noise})")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -296,9 +296,9 @@ def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
     if cfg.agent.z == "sample":
         generator = torch.Generator().manual_seed(seed_of(cfg.seed, FIDELITY, 3))
         z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
-    tensors = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
+    actions, rewards, dones = (torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards", "dones"))
     block = min(dream.fidelity_block, steps)
-    blocks = fidelity.reward_blocks(rnn, z, *tensors, block, DreamSettings.of(cfg).done_reward)
+    blocks = fidelity.reward_blocks(rnn, z, actions, rewards, dones, block, DreamSettings.of(cfg).done_reward)
     rows = []
     for k in range(len(blocks.mse)):
         row = {
@@ -317,9 +317,7 @@ def _reward_blocks(cfg: DictConfig, world: tracking.World, rnn) -> None:
             {k: round(v, 2) for k, v in row.items() if k != "steps"},
         )
     _write_csv("fidelity/reward_blocks.csv", rows)
-    heard = fidelity.action_sensitivity(
-        rnn, z, *(torch.from_numpy(data[k][:, :steps]) for k in ("actions", "rewards"))
-    )
+    heard = fidelity.action_sensitivity(rnn, z, actions, rewards)
     mlflow.log_metrics(
         {
             "fidelity/action_nll_gain": heard.nll_foreign - heard.nll,
