@@ -43,6 +43,41 @@ def test_controller_parameter_count_and_action_bounds():
         c.set_flat(torch.zeros(5))
 
 
+def test_the_paper_s_doom_controller_one_tanh_output_in_three_bins_and_no_bias(tmp_path):
+    c = Controller(4, 3, action_dim=3, inputs="zhc", discrete=True, axis=[1, 0, 2], bias=False)
+    assert c.n_params == 10, "one output, no bias: the paper's 576 + 512 weights at z64, h512"
+    params = torch.zeros(5, c.n_params)
+    params[:, 0] = 1.0  # z[0] → the one output
+    z = torch.tensor([[-3.0], [-0.3], [0.0], [0.3], [3.0]]) * torch.tensor([[1.0, 0, 0, 0]])
+    h = torch.zeros(5, 3)
+    chosen = c.act(params, z, h, h).argmax(-1).tolist()
+    assert chosen == [1, 0, 0, 0, 2], "tanh < -1/3 is left, > 1/3 right, none between"
+    assert (
+        c.act(torch.randn(8, c.n_params), torch.zeros(8, 4), h[:1].expand(8, 3), h[:1].expand(8, 3))[:, 0]
+        .eq(1)
+        .all()
+    ), "without a bias, zero inputs are the middle bin whatever the weights"
+    save_checkpoint(tmp_path / "c.pt", c)
+    again = load_module(Controller, tmp_path / "c.pt")
+    assert again.hparams == c.hparams and torch.equal(again.get_flat(), c.get_flat())
+    with pytest.raises(ValueError, match="axis"):
+        Controller(4, 3, action_dim=3, discrete=True, axis=[0, 1])
+    with_bias = Controller(4, 3, action_dim=3, discrete=True, axis=[1, 0, 2])
+    assert with_bias.n_params == 8
+
+
+@pytest.mark.parametrize("axis", ["[0,2]", "[0,1,1]", "[a,b,c]"])
+def test_a_discrete_axis_that_orders_no_actions_fails_before_any_run(tmp_path, axis):
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "stage=evolve", "env=doom", f"paths.outputs={tmp_path}", f"evolve.discrete_axis={axis}"
+    )
+    with pytest.raises(WorldModelError, match=r"evolve\.discrete_axis"):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
+
+
 def test_controller_standardises_its_inputs(tmp_path):
     c = Controller(2, 3, inputs="z", input_mean=[1.0, -1.0], input_std=[2.0, 0.5])
     params = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # steer = x0, gas = x1

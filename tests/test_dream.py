@@ -48,6 +48,10 @@ def test_probes_act_their_constant_action(clip):
     discrete = Controller(4, 3, action_dim=3, discrete=True)
     for k, params in enumerate(fidelity.probes(discrete).values()):
         assert discrete.act(torch.from_numpy(params)[None], z[:1], h[:1])[0].argmax() == k
+    axis = Controller(4, 3, action_dim=3, discrete=True, axis=[1, 0, 2])
+    for k, params in enumerate(fidelity.probes(axis).values()):
+        assert axis.act(torch.from_numpy(params).expand(5, -1), z, h).argmax(-1).eq(k).all()
+    assert fidelity.probes(Controller(4, 3, action_dim=3, discrete=True, axis=[1, 0, 2], bias=False)) == {}
 
 
 def test_spearman_ranks_with_ties():

@@ -148,6 +148,8 @@ class Evolve:
     envs_per_worker: int
     select: Select
     clip_actions: list[int]
+    discrete_axis: list[int] | None
+    bias: bool
     workers: int | None
     rollout_timeout: float
     temperature: float

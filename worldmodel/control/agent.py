@@ -76,7 +76,7 @@ def load_controller(path: Path | str, space: ActionSpace) -> Controller:
 
 def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
     """A new controller (all zeros) for M's latent and memory and the env's actions, shaped by the
-    evolve settings (`evolve.inputs`, `hidden`, `clip_actions`)."""
+    evolve settings (`evolve.inputs`, `hidden`, `clip_actions`, `discrete_axis`, `bias`)."""
     hp, space = settings(cfg, Evolve), action_space(cfg.env)
     if rnn.action_dim != space.dim:
         raise WorldModelError(
@@ -93,6 +93,8 @@ def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
         high=space.high.tolist(),
         discrete=space.kind == "discrete",
         clip=hp.clip_actions if space.kind == "box" else None,
+        axis=hp.discrete_axis if space.kind == "discrete" else None,
+        bias=hp.bias,
     )
 
 

@@ -40,7 +40,10 @@ def constant_params(controller: Controller, action: np.ndarray | list[float] | i
     (box: an action value per dimension; discrete: an action index)."""
     params = np.zeros(controller.n_params, np.float32)
     out = controller.shapes[-1][0]
-    if controller.discrete:
+    if controller.axis is not None:  # the centre of the action's bin on the tanh axis
+        n = controller.action_dim
+        bias = np.arctanh(np.array([(2 * controller.axis.index(int(action)) + 1) / n - 1]))
+    elif controller.discrete:
         bias = np.full(out, -5.0)  # the first action's logit is 0
         if int(action) > 0:
             bias[int(action) - 1] = 5.0
@@ -56,7 +59,10 @@ def constant_params(controller: Controller, action: np.ndarray | list[float] | i
 
 
 def probes(controller: Controller) -> dict[str, np.ndarray]:
-    """The constant-action probes for this controller's action space."""
+    """The constant-action probes for this controller's action space (none without biases: a
+    controller with no bias cannot act alike whatever it reads)."""
+    if not controller.bias:
+        return {}
     if controller.discrete:
         return {f"action {k}": constant_params(controller, k) for k in range(controller.action_dim)}
     if controller.action_dim != 3:

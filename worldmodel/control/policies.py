@@ -299,7 +299,8 @@ class LinearRandomPolicy(ControllerPolicy):
     """A random linear controller on [z, h] per episode, weights and biases ~ N(0, `sigma`²), acting
     through a train_rnn run's V and M: data whose actions are C's own kind, as CMA-ES's first
     generation tries them (sigma = evolve.sigma0) and as Dropout's Dream Land's random 10 % (which used
-    tiny weights). `clip`: the action dimensions C maps by clipping (evolve.clip_actions)."""
+    tiny weights). `clip`, `axis` and `bias`: how C maps its outputs to actions, as evolve will train it
+    (evolve.clip_actions, discrete_axis, bias)."""
 
     acts_through = "train_rnn"
 
@@ -313,8 +314,11 @@ class LinearRandomPolicy(ControllerPolicy):
         z: str = "mean",
         sigma: float = 0.1,
         clip: Sequence[int] = (),
+        axis: Sequence[int] | None = None,
+        bias: bool = True,
     ) -> None:
         self.sigma, self.clip = float(sigma), list(clip)
+        self.axis, self.bias = (None if axis is None else list(axis)), bool(bias)
         super().__init__(space, rng, run_id, paths, name, z)
         n = self.agent.controller.n_params
         self.params = self.rng.normal(0.0, self.sigma, n).astype(np.float32)
@@ -328,7 +332,7 @@ class LinearRandomPolicy(ControllerPolicy):
         positive_number(cfg, "policy.sigma")
 
     def shape_key(self) -> tuple:
-        return tuple(self.clip)
+        return tuple(self.clip), None if self.axis is None else tuple(self.axis), self.bias
 
     def controller(self, rnn, paths: dict):
         from worldmodel.models.controller import Controller
@@ -343,6 +347,8 @@ class LinearRandomPolicy(ControllerPolicy):
             high=space.high.tolist() if box else None,
             discrete=not box,
             clip=self.clip if box else None,
+            axis=None if box else self.axis,
+            bias=self.bias,
         )
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:

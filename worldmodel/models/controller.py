@@ -10,6 +10,11 @@ brake, where (tanh + 1) / 2 starts every candidate at half brake);
 `discrete` actions are the one-hot argmax of logits. The first action's logit is fixed at 0 and the
 layer outputs the others, as in multinomial logistic regression: only logit differences choose an
 action, and the redundant half of a 2-action layer would only double the dimension CMA-ES searches.
+With `axis` (an order of the actions), a discrete controller has one tanh output instead, cut into
+equal bins over [-1, 1], bin k choosing action axis[k]: the paper's Doom controller, whose output
+below −1/3 is left, above 1/3 right, and none between (axis [1, 0, 2] for noop, left, right).
+`bias=False` drops the biases, as the paper's controllers have none: a candidate must then read its
+inputs to act, where a bias alone can hold one action whatever it sees.
 
 With `input_mean` and `input_std` (one value per input), inputs are standardised before the first
 layer, as Augmented Random Search does for linear policies: CMA-ES's isotropic start then reaches every
@@ -44,6 +49,8 @@ class Controller(nn.Module):
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
         clip: list[int] | None = None,
+        axis: list[int] | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         # Without bounds: CarRacing's (checkpoints from before the env config carried them), else [-1, 1].
@@ -57,8 +64,12 @@ class Controller(nn.Module):
             raise ValueError(f"clip names action dimensions in [0, {action_dim}), got {self.clip}")
         if inputs not in MEMORY:
             raise ValueError(f"inputs must be one of {list(MEMORY)}, got {inputs!r}")
+        self.axis = None if axis is None else [int(a) for a in axis]
+        if self.axis is not None and not (discrete and sorted(self.axis) == list(range(action_dim))):
+            raise ValueError(f"axis orders the {action_dim} discrete actions, got {self.axis}")
+        self.bias = bool(bias)
         self.latent, self.hidden, self.action_dim = latent, hidden, action_dim
-        out = action_dim - 1 if discrete else action_dim
+        out = 1 if self.axis is not None else action_dim - 1 if discrete else action_dim
         self.inputs, self.hidden_units = inputs, hidden_units
         self.in_dim = latent + MEMORY[inputs] * hidden
         if (input_mean is None) != (input_std is None):
@@ -73,15 +84,10 @@ class Controller(nn.Module):
         self._bounds = torch.tensor(self.low), torch.tensor(self.high)
         self._clipped = torch.zeros(action_dim, dtype=torch.bool)
         self._clipped[self.clip] = True
-        if hidden_units:
-            self.shapes = [
-                (self.in_dim, hidden_units),
-                (hidden_units,),
-                (hidden_units, out),
-                (out,),
-            ]
-        else:
-            self.shapes = [(self.in_dim, out), (out,)]
+        widths = [self.in_dim, hidden_units, out] if hidden_units else [self.in_dim, out]
+        self.shapes = []
+        for a, b in zip(widths, widths[1:]):
+            self.shapes += [(a, b), (b,)] if self.bias else [(a, b)]
         self.n_params = sum(int(torch.tensor(s).prod()) for s in self.shapes)
         self.flat = nn.Parameter(torch.zeros(self.n_params))
 
@@ -99,6 +105,8 @@ class Controller(nn.Module):
             "input_mean": self.input_mean,
             "input_std": self.input_std,
             "clip": self.clip,
+            "axis": self.axis,
+            "bias": self.bias,
         }
 
     def get_flat(self) -> torch.Tensor:
@@ -136,13 +144,18 @@ class Controller(nn.Module):
         if self._standardise is not None:
             x = (x - self._standardise[0]) / self._standardise[1]
         layers = self._unpack(params)
-        if self.hidden_units:
-            w1, b1, w2, b2 = layers
-            x = torch.tanh(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)
-            raw = torch.bmm(x.unsqueeze(1), w2).squeeze(1) + b2
-        else:
-            w, b = layers
-            raw = torch.bmm(x.unsqueeze(1), w).squeeze(1) + b
+        step = 2 if self.bias else 1
+        for i in range(0, len(layers), step):
+            if i:
+                x = torch.tanh(x)
+            x = torch.bmm(x.unsqueeze(1), layers[i]).squeeze(1)
+            if self.bias:
+                x = x + layers[i + 1]
+        raw = x
+        if self.axis is not None:
+            n = self.action_dim
+            k = ((torch.tanh(raw[:, 0]) + 1) / 2 * n).floor().clamp(0, n - 1).long()
+            return F.one_hot(torch.tensor(self.axis)[k], n).to(raw.dtype)
         if self.discrete:
             logits = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=-1)
             return F.one_hot(logits.argmax(-1), self.action_dim).to(raw.dtype)

@@ -65,6 +65,13 @@ def validate(cfg: DictConfig) -> None:
         lambda v: all(is_int(d) and 0 <= d < len(cfg.env.action.get("low", [])) for d in v),
         "a list of box action dimensions (CarRacing's brake: [2])",
     )
+    n = int(cfg.env.action.get("n", 0))
+    check(
+        cfg,
+        "evolve.discrete_axis",
+        lambda v: v is None or (n > 0 and all(is_int(a) for a in v) and sorted(v) == list(range(n))),
+        "null, or an order of the env's discrete actions (the paper's Doom: [1, 0, 2])",
+    )
 
 
 def run(cfg: DictConfig) -> str:
