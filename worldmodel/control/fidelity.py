@@ -38,6 +38,8 @@ _EDGE = 0.9999  # tanh never reaches ±1: the probe's biases aim this close
 def constant_params(controller: Controller, action: np.ndarray | list[float] | int) -> np.ndarray:
     """Parameters that make `controller` act `action` whatever it reads: zero weights, biases chosen
     (box: an action value per dimension; discrete: an action index)."""
+    if not controller.bias:
+        raise ValueError("a controller without biases has no constant action: its output is 0 on 0 inputs")
     params = np.zeros(controller.n_params, np.float32)
     out = controller.shapes[-1][0]
     if controller.axis is not None:  # the centre of the action's bin on the tanh axis

@@ -84,6 +84,7 @@ class Controller(nn.Module):
         self._bounds = torch.tensor(self.low), torch.tensor(self.high)
         self._clipped = torch.zeros(action_dim, dtype=torch.bool)
         self._clipped[self.clip] = True
+        self._axis = None if self.axis is None else torch.tensor(self.axis)  # bin → action index
         widths = [self.in_dim, hidden_units, out] if hidden_units else [self.in_dim, out]
         self.shapes = []
         for a, b in zip(widths, widths[1:]):
@@ -144,18 +145,14 @@ class Controller(nn.Module):
         if self._standardise is not None:
             x = (x - self._standardise[0]) / self._standardise[1]
         layers = self._unpack(params)
-        step = 2 if self.bias else 1
-        for i in range(0, len(layers), step):
-            if i:
-                x = torch.tanh(x)
-            x = torch.bmm(x.unsqueeze(1), layers[i]).squeeze(1)
-            if self.bias:
-                x = x + layers[i + 1]
+        weights, biases = (layers[0::2], layers[1::2]) if self.bias else (layers, [0.0] * len(layers))
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            x = torch.bmm((torch.tanh(x) if i else x).unsqueeze(1), w).squeeze(1) + b
         raw = x
-        if self.axis is not None:
+        if self._axis is not None:
             n = self.action_dim
             k = ((torch.tanh(raw[:, 0]) + 1) / 2 * n).floor().clamp(0, n - 1).long()
-            return F.one_hot(torch.tensor(self.axis)[k], n).to(raw.dtype)
+            return F.one_hot(self._axis[k], n).to(raw.dtype)
         if self.discrete:
             logits = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=-1)
             return F.one_hot(logits.argmax(-1), self.action_dim).to(raw.dtype)
