@@ -83,18 +83,35 @@ def controller_for(cfg: DictConfig, rnn: MDNRNN) -> Controller:
             f"this MDN-RNN takes {rnn.action_dim}-d actions but env={cfg.env.name} has {space.dim}; "
             "train M on this env's data"
         )
+    return new_controller(
+        rnn, space, hp.inputs.value, hp.hidden, clip=hp.clip_actions, axis=hp.discrete_axis, bias=hp.bias
+    )
+
+
+def new_controller(
+    rnn: MDNRNN,
+    space: ActionSpace,
+    inputs: str = "zh",
+    hidden: int = 0,
+    clip: Sequence[int] = (),
+    axis: Sequence[int] | None = None,
+    bias: bool = True,
+) -> Controller:
+    """A new controller (all zeros) on M's latent and memory, acting in `space`: the one place that maps
+    an action space to a Controller's bounds (a box's `clip` dims, a discrete space's bin `axis`)."""
+    box = space.kind == "box"
     return Controller(
         rnn.latent,
         rnn.hidden,
         rnn.action_dim,
-        hp.inputs.value,
-        hp.hidden,
+        inputs,
+        hidden,
         low=space.low.tolist(),
         high=space.high.tolist(),
-        discrete=space.kind == "discrete",
-        clip=hp.clip_actions if space.kind == "box" else None,
-        axis=hp.discrete_axis if space.kind == "discrete" else None,
-        bias=hp.bias,
+        discrete=not box,
+        clip=list(clip) if box else None,
+        axis=None if box or axis is None else list(axis),
+        bias=bias,
     )
 
 

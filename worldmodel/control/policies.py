@@ -335,21 +335,9 @@ class LinearRandomPolicy(ControllerPolicy):
         return tuple(self.clip), None if self.axis is None else tuple(self.axis), self.bias
 
     def controller(self, rnn, paths: dict):
-        from worldmodel.models.controller import Controller
+        from worldmodel.control.agent import new_controller
 
-        space = self.space
-        box = space.kind == "box"
-        return Controller(
-            rnn.latent,
-            rnn.hidden,
-            rnn.action_dim,
-            low=space.low.tolist() if box else None,
-            high=space.high.tolist() if box else None,
-            discrete=not box,
-            clip=self.clip if box else None,
-            axis=None if box else self.axis,
-            bias=self.bias,
-        )
+        return new_controller(rnn, self.space, clip=self.clip, axis=self.axis, bias=self.bias)
 
     def act(self, frame: np.ndarray, t: int) -> np.ndarray:
         if t == 0:
