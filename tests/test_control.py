@@ -78,6 +78,26 @@ def test_a_discrete_axis_that_orders_no_actions_fails_before_any_run(tmp_path, a
     assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
 
 
+def test_memory_sigma_shrinks_cma_s_first_steps_on_the_weights_from_h_alone(tmp_path):
+    from tests.conftest import compose_config
+    from worldmodel.control.cma import new_es
+
+    c = Controller(32, 256)
+    scales = c.step_scales(0.1).numpy()
+    weights = scales[: 288 * 3].reshape(288, 3)  # (in, out): rows 0-31 read z, rows 32-287 read h
+    assert (weights[:32] == 1).all() and (weights[32:] == 0.1).all() and (scales[288 * 3 :] == 1).all()
+    assert (Controller(32, 256, inputs="z").step_scales(0.1) == 1).all()
+    asks = np.asarray(new_es(c.n_params, 64, 0.1, 1, scales).ask())
+    on_z, on_h = asks[:, :96].std(), asks[:, 96 : 288 * 3].std()
+    assert 0.08 < on_z < 0.12 and 0.008 < on_h < 0.012
+    same = np.asarray(new_es(c.n_params, 8, 0.1, 1, c.step_scales(1.0).numpy()).ask())
+    assert np.array_equal(same, np.asarray(new_es(c.n_params, 8, 0.1, 1).ask()))  # 1: today's asks
+    cfg = compose_config("stage=evolve", f"paths.outputs={tmp_path}", "evolve.memory_sigma=0")
+    with pytest.raises(WorldModelError, match=r"evolve\.memory_sigma"):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
+
+
 def test_controller_standardises_its_inputs(tmp_path):
     c = Controller(2, 3, inputs="z", input_mean=[1.0, -1.0], input_std=[2.0, 0.5])
     params = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # steer = x0, gas = x1

@@ -140,6 +140,7 @@ class Evolve:
     rollouts: int
     generations: int
     sigma0: float
+    memory_sigma: float
     inputs: Inputs
     hidden: int
     normalize: bool
@@ -167,7 +168,7 @@ class Evolve:
         require(self, positive, POSITIVE_INT, "rollouts", "generations", "max_steps", "real_check_rollouts")
         require(self, positive, POSITIVE_INT, "gif_steps", "envs_per_worker")
         require(self, lambda v: v >= 2, "an integer ≥ 2", "popsize")
-        require(self, positive, POSITIVE, "sigma0", "rollout_timeout")
+        require(self, positive, POSITIVE, "sigma0", "memory_sigma", "rollout_timeout")
         require(self, at_least_zero, "an integer ≥ 0", "hidden", "real_check_every", "eval_episodes")
         require(self, at_least_zero, "an integer ≥ 0", "stall_steps")
         require(self, at_least_zero, "a number ≥ 0", "temperature")

@@ -16,10 +16,15 @@ from worldmodel.errors import WorldModelError
 from worldmodel.tracking.lineage import HISTORY
 
 
-def new_es(n_params: int, popsize: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:
-    """CMA-ES from zero with its own seeded generator (nothing else in the process can shift it)."""
+def new_es(
+    n_params: int, popsize: int, sigma0: float, seed: int, scales: np.ndarray | None = None
+) -> cma.CMAEvolutionStrategy:
+    """CMA-ES from zero with its own seeded generator (nothing else in the process can shift it);
+    `scales`: each coordinate's initial step size as a multiple of sigma0 (cma's CMA_stds)."""
     options = {"popsize": popsize, "seed": seed, "verbose": -9}
     options["randn"] = np.random.RandomState(seed).randn
+    if scales is not None and not np.all(scales == 1):  # all ones: the same asks as no option
+        options["CMA_stds"] = np.asarray(scales, np.float64)
     return cma.CMAEvolutionStrategy(np.zeros(n_params), sigma0, options)
 
 

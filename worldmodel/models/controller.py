@@ -110,6 +110,15 @@ class Controller(nn.Module):
             "bias": self.bias,
         }
 
+    def step_scales(self, memory: float) -> torch.Tensor:
+        """A scale per flat parameter: `memory` for the first layer's weights on M's memory (h, c), 1
+        elsewhere. The (in, out) weight is stored row-major, so input row i is a run of `out` values."""
+        rows, out = self.shapes[0]
+        on_memory = (torch.arange(rows) >= self.latent).repeat_interleave(out)
+        scales = torch.ones(self.n_params, dtype=torch.float64)
+        scales[: rows * out][on_memory] = memory
+        return scales
+
     def get_flat(self) -> torch.Tensor:
         return self.flat.detach().clone()
 

@@ -219,7 +219,8 @@ def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> d
     if not wanted or lineage.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
         return {}
     popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
-    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1)
+    scales = controller.step_scales(float(params.get("evolve.memory_sigma", 1.0))).numpy()
+    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1, scales)
     means = {}
     for gen, *_ in cma_history.replay(es, run.info.run_id, popsize):
         means[gen] = np.asarray(es.mean, np.float32).copy()
@@ -235,8 +236,9 @@ def _fidelity_candidates(cfg: DictConfig, rnn, named: dict) -> list[tuple[Contro
     base = next(iter(named.values()), (controller_for(cfg, rnn), {}))[0]
     rng = np.random.default_rng(seed_of(cfg.seed, FIDELITY, 2))
     first = fidelity.probes(base)
+    scales = base.step_scales(evolve.memory_sigma).numpy()
     for i in range(dream.fidelity_random):
-        first[f"random {i}"] = rng.normal(0, evolve.sigma0, base.n_params).astype(np.float32)
+        first[f"random {i}"] = (rng.normal(0, evolve.sigma0, base.n_params) * scales).astype(np.float32)
     groups = [(base, first)]
     for controller, candidates in named.values():
         if controller.hparams == base.hparams:

@@ -135,7 +135,7 @@ def _fitness(
 def _search(cfg: DictConfig, hp: Evolve, fitness: Fitness, controller: Controller) -> np.ndarray:
     """CMA-ES on `fitness` for `evolve.generations` (resumed where an interrupted run stopped), its
     history kept after each generation; saves and returns the controller it keeps."""
-    es, best, history = _cma_state(cfg, hp, controller.n_params)
+    es, best, history = _cma_state(cfg, hp, controller)
     for gen in progress_bar(range(es.countiter, hp.generations), desc="evolve", unit="gen"):
         asked = es.ask()  # told back as they are: CMA-ES finds its own (TPA's) samples by value
         solutions = np.asarray(asked, dtype=np.float32)
@@ -207,11 +207,12 @@ def _kept(es: cma.CMAEvolutionStrategy, best: dict, hp: Evolve) -> np.ndarray:
 
 
 def _cma_state(
-    cfg: DictConfig, hp: Evolve, n_params: int
+    cfg: DictConfig, hp: Evolve, controller: Controller
 ) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
-    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, cfg.seed + 1)
+    n_params, scales = controller.n_params, controller.step_scales(hp.memory_sigma).numpy()
+    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, cfg.seed + 1, scales)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
     if not cfg.inputs.resume or lineage.HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):
@@ -236,7 +237,8 @@ def _standardised(controller: Controller, cfg: DictConfig, hp: Evolve, files: di
     candidates drawn as CMA-ES's first generation is (mean 0, sigma0): the states early candidates
     see. Seeded, so a resumed run computes the same statistics."""
     rng = np.random.default_rng(seed_of(cfg.seed, NORM))
-    params = rng.normal(0.0, hp.sigma0, (hp.popsize, controller.n_params)).astype(np.float32)
+    params = rng.normal(0.0, hp.sigma0, (hp.popsize, controller.n_params))
+    params = (params * controller.step_scales(hp.memory_sigma).numpy()).astype(np.float32)
     seeds = [seed_of(cfg.seed, NORM, i) for i in range(len(params))]
     with real_scorer(cfg, "evolve", files, controller.hparams) as scorer:
         rollouts = scorer.run(params, seeds, hp.max_steps, hp.stall_steps)
