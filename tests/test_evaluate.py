@@ -318,3 +318,39 @@ def test_evaluate_registers_the_agent_and_moves_champion_only_when_beaten(smoke,
 def test_play_with_an_alias_that_does_not_exist_is_one_line(smoke):
     with pytest.raises(WorldModelError, match="play.agent=nope: no such alias of agent-carracing"):
         run_stage(smoke("stage=play", "play.agent=nope"))
+
+
+def test_a_replay_plays_only_the_recorded_steps_of_each_batch_once_and_matches_the_scored_episode(
+    tmp_path, monkeypatch
+):
+    """evaluate's GIFs: the best and worst tracks are played again for their first `record` steps only,
+    each lockstep batch once, and those steps earn what they earned when the episode was scored."""
+    from tests.conftest import compose_config
+    from worldmodel.control.scorer import RealScorer
+    from worldmodel.models.checkpoints import save_checkpoint
+
+    cfg = compose_config("experiment=smoke")
+    torch.manual_seed(0)
+    vae, rnn = VAE(8).eval(), MDNRNN(8, 3, hidden=16, mixtures=2).eval()
+    paths = {"vae": tmp_path / "vae.pt", "rnn": tmp_path / "rnn.pt"}
+    save_checkpoint(paths["vae"], vae), save_checkpoint(paths["rnn"], rnn)
+    controller = Controller(8, 16, clip=[2])
+    params = np.random.default_rng(0).standard_normal((5, controller.n_params)).astype(np.float32) * 0.3
+    seeds = [seed_of(0, EVAL, i) for i in range(5)]
+    with RealScorer(cfg.backend, 1, 2, paths, cfg.env, controller.hparams, 60.0) as scorer:
+        scored = scorer.run(params, seeds, 40)
+        played, run = [], scorer.run
+
+        def counted(p, s, n, **kw):
+            played.append((list(s), n))
+            return run(p, s, n, **kw)
+
+        monkeypatch.setattr(scorer, "run", counted)
+        again = scorer.replay(params, seeds, [1, 0, 4], 12)
+    assert played == [([seeds[0], seeds[1], seeds[4]], 12)], "one run: batch [0, 1] once, and [4]"
+    assert sorted(again) == [0, 1, 4]
+    for i, rollout in again.items():
+        assert rollout.steps == 12 and len(rollout.frames) == 12 and rollout.frames[0].shape == (64, 128, 3)
+        np.testing.assert_allclose(rollout.rewards, scored[i].rewards[:12])
+        assert len(scored[i].rewards) == scored[i].steps == 40
+        assert np.isclose(rollout.score, sum(scored[i].rewards[:12]))

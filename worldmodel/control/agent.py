@@ -204,6 +204,7 @@ class Rollout:
     score: float
     steps: int
     stalled: bool = False
+    rewards: list[float] = field(default_factory=list)  # per step: a replay of a prefix checks against them
     frames: list[np.ndarray] = field(default_factory=list)  # real | reconstruction, when recorded
     inputs: np.ndarray | None = None  # the controller's inputs, summed: [count, Σx, Σx²]
 
@@ -239,6 +240,7 @@ def play(
             frame, reward, terminated, truncated = envs[i].step(actions[k])
             out[i].score += reward
             out[i].steps += 1
+            out[i].rewards.append(reward)
             idle[i] = 0 if reward > 0 else idle[i] + 1
             out[i].stalled = bool(stall_steps) and idle[i] >= stall_steps and not (terminated or truncated)
             if terminated or truncated or out[i].stalled:

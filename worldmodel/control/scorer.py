@@ -105,12 +105,17 @@ class RealScorer:
                 bar.update(len(batch))
         return [rollout for batch in batches for rollout in batch]
 
-    def replay(self, params: np.ndarray, seeds: list[int], i: int, max_steps: int, record: int) -> Rollout:
-        """Rollout i of an earlier `run(params, seeds, max_steps)`, again, with its first `record` frames:
-        its whole lockstep batch is played again, so the episode is the same one."""
-        start = i // self.slots * self.slots
-        end = start + self.slots
-        return self.run(params[start:end], seeds[start:end], max_steps, record=record)[i - start]
+    def replay(
+        self, params: np.ndarray, seeds: list[int], picked: list[int], record: int
+    ) -> dict[int, Rollout]:
+        """Rollouts `picked` of an earlier `run(params, seeds, …)`, again, for their first `record` steps
+        and frames: each one's whole lockstep batch is played again (once, however many of `picked` it
+        holds; the batches in parallel), so every episode starts as the same one."""
+        k = self.slots
+        starts = sorted({i // k * k for i in picked})
+        rows = [j for s in starts for j in range(s, min(s + k, len(seeds)))]
+        again = self.run(params[rows], [seeds[j] for j in rows], record, record=record)
+        return {i: again[rows.index(i)] for i in picked}
 
     def close(self) -> None:
         if self.pool is not None:

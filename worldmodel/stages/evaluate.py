@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from worldmodel import tracking
 from worldmodel.config import positive_int, settings
 from worldmodel.config.sections import Dream, Evaluate
-from worldmodel.control.agent import AgentStep, load_controller, load_rnn, load_vae
+from worldmodel.control.agent import AgentStep, Rollout, load_controller, load_rnn, load_vae
 from worldmodel.control.scorer import RealScorer, eval_seeds, eval_steps, real_scorer
 from worldmodel.envs.pixels import action_space
 from worldmodel.images import save_gif
@@ -131,7 +131,7 @@ def report(
     with tracking.artifact(lineage.HISTOGRAM) as path:
         _histogram(result.scores, path)
     if gif_steps:
-        _gifs(scorer, every, list(seeds), result.scores, max_steps, gif_steps, fps)
+        _gifs(scorer, every, list(seeds), rollouts, gif_steps, fps)
     m = result.metrics
     log.info(
         "evaluation over %d unseen episodes: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
@@ -142,21 +142,21 @@ def report(
 
 
 def _gifs(
-    scorer: RealScorer,
-    every: np.ndarray,
-    seeds: list[int],
-    scores: np.ndarray,
-    max_steps: int,
-    steps: int,
-    fps: int,
+    scorer: RealScorer, every: np.ndarray, seeds: list[int], rollouts: list[Rollout], steps: int, fps: int
 ) -> None:
-    """GIFs of the best and the worst track (real | reconstruction), replayed."""
-    for name, i in (("best", int(scores.argmax())), ("worst", int(scores.argmin()))):
-        rollout = scorer.replay(every, seeds, i, max_steps, steps)
-        if not np.isclose(rollout.score, scores[i]):
-            log.warning("the %s track replayed to %.1f, not %.1f", name, rollout.score, scores[i])
+    """GIFs of the best and the worst track (real | reconstruction): their first `steps` steps replayed,
+    each checked against the same steps of the scored episode."""
+    scores = np.array([r.score for r in rollouts])
+    picked = {"best": int(scores.argmax()), "worst": int(scores.argmin())}
+    replays = scorer.replay(every, seeds, list(picked.values()), steps)
+    for name, i in picked.items():
+        expected = float(np.sum(rollouts[i].rewards[:steps]))
+        if not np.isclose(replays[i].score, expected):
+            log.warning(
+                "the %s track replayed to %.1f in %d steps, not %.1f", name, replays[i].score, steps, expected
+            )
         with tracking.artifact(f"gifs/{name}_track.gif") as path:
-            save_gif(rollout.frames, path, fps)
+            save_gif(replays[i].frames, path, fps)
 
 
 def _histogram(scores: np.ndarray, path) -> None:
