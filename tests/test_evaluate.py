@@ -83,10 +83,14 @@ def test_evaluate_stage_logs_scores_histogram_and_gifs(smoke, evolve_run):
     names = {a.path for a in MlflowClient().list_artifacts(run_id, "gifs")}
     assert not any("partial" in n for n in names)
 
-    # The same seeds give the same scores whatever the worker count.
-    one = run_stage(smoke("stage=evaluate", f"inputs.evolve={evolve_run}", "evaluate.workers=1"))
+    # The same seeds give the same scores whatever the worker count; GIFs longer than the scored
+    # episodes stop where they stopped.
+    one = run_stage(
+        smoke("stage=evaluate", f"inputs.evolve={evolve_run}", "evaluate.workers=1", "evaluate.gif_steps=50")
+    )
     with open(tracking.artifact_path(one, "scores.csv")) as f:
         assert [float(r["score"]) for r in csv.DictReader(f)] == list(scores)
+    assert Image.open(tracking.artifact_path(one, "gifs/best_track.gif")).n_frames == 30
 
 
 def test_evaluate_refuses_a_run_that_is_not_an_evolve_run(smoke, rnn_run):
@@ -333,7 +337,8 @@ def test_a_replay_plays_only_the_recorded_steps_of_each_batch_once_and_matches_t
     torch.manual_seed(0)
     vae, rnn = VAE(8).eval(), MDNRNN(8, 3, hidden=16, mixtures=2).eval()
     paths = {"vae": tmp_path / "vae.pt", "rnn": tmp_path / "rnn.pt"}
-    save_checkpoint(paths["vae"], vae), save_checkpoint(paths["rnn"], rnn)
+    save_checkpoint(paths["vae"], vae)
+    save_checkpoint(paths["rnn"], rnn)
     controller = Controller(8, 16, clip=[2])
     params = np.random.default_rng(0).standard_normal((5, controller.n_params)).astype(np.float32) * 0.3
     seeds = [seed_of(0, EVAL, i) for i in range(5)]

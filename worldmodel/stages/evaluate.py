@@ -131,7 +131,8 @@ def report(
     with tracking.artifact(lineage.HISTOGRAM) as path:
         _histogram(result.scores, path)
     if gif_steps:
-        _gifs(scorer, every, list(seeds), rollouts, gif_steps, fps)
+        # never past the scored episodes' end (evaluate.max_steps may be below gif_steps)
+        _gifs(scorer, every, list(seeds), rollouts, min(gif_steps, max_steps), fps)
     m = result.metrics
     log.info(
         "evaluation over %d unseen episodes: %.1f ± %.1f (min %.1f, median %.1f, max %.1f)",
