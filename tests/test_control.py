@@ -78,6 +78,26 @@ def test_a_discrete_axis_that_orders_no_actions_fails_before_any_run(tmp_path, a
     assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
 
 
+def test_mirrored_asks_come_in_antithetic_pairs_and_need_an_even_popsize(tmp_path):
+    from tests.conftest import compose_config
+    from worldmodel.control.cma import new_es
+
+    es = new_es(20, 8, 0.1, 3, mirrored=True)
+    for _ in range(3):  # pairs around the mean in every generation, not only the first
+        asks = np.asarray(es.ask())
+        steps = asks - es.mean
+        assert np.allclose(steps[0::2], -steps[1::2]) and not np.allclose(steps[0], steps[2])
+        es.tell(list(asks), list(np.random.default_rng(0).normal(size=8)))
+    plain = np.asarray(new_es(20, 8, 0.1, 3).ask())  # the mean starts at zero
+    assert not np.allclose(plain[0], -plain[1])
+    cfg = compose_config(
+        "stage=evolve", f"paths.outputs={tmp_path}", "evolve.mirrored=true", "evolve.popsize=7"
+    )
+    with pytest.raises(WorldModelError, match=r"evolve\.popsize"):
+        run_stage(cfg)
+    assert not (tmp_path / "mlflow.db").exists(), "validation must come before any work"
+
+
 def test_memory_sigma_shrinks_cma_s_first_steps_on_the_weights_from_h_alone(tmp_path):
     from tests.conftest import compose_config
     from worldmodel.control.cma import new_es

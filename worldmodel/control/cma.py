@@ -17,14 +17,23 @@ from worldmodel.tracking.lineage import HISTORY
 
 
 def new_es(
-    n_params: int, popsize: int, sigma0: float, seed: int, scales: np.ndarray | None = None
+    n_params: int,
+    popsize: int,
+    sigma0: float,
+    seed: int,
+    scales: np.ndarray | None = None,
+    mirrored: bool = False,
 ) -> cma.CMAEvolutionStrategy:
     """CMA-ES from zero with its own seeded generator (nothing else in the process can shift it);
-    `scales`: each coordinate's initial step size as a multiple of sigma0 (cma's CMA_stds)."""
+    `scales`: each coordinate's initial step size as a multiple of sigma0 (cma's CMA_stds); `mirrored`:
+    the asks come in antithetic pairs, mean ± the same step (cma's unconditional mirrors), so that both
+    halves of a pair meet the same track and their difference is the step's worth, not the track's luck."""
     options = {"popsize": popsize, "seed": seed, "verbose": -9}
     options["randn"] = np.random.RandomState(seed).randn
     if scales is not None and not np.all(scales == 1):  # all ones: the same asks as no option
         options["CMA_stds"] = np.asarray(scales, np.float64)
+    if mirrored:
+        options |= {"CMA_mirrors": popsize // 2, "CMA_mirrormethod": 0}
     return cma.CMAEvolutionStrategy(np.zeros(n_params), sigma0, options)
 
 

@@ -220,7 +220,8 @@ def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> d
         return {}
     popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
     scales = controller.step_scales(float(params.get("evolve.memory_sigma", 1.0))).numpy()
-    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1, scales)
+    mirrored = params.get("evolve.mirrored", "False") == "True"
+    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1, scales, mirrored)
     means = {}
     for gen, *_ in cma_history.replay(es, run.info.run_id, popsize):
         means[gen] = np.asarray(es.mean, np.float32).copy()
