@@ -10,7 +10,6 @@ from enum import StrEnum
 from typing import ClassVar
 
 from worldmodel.config import at_least_zero, null_or_positive, positive, require
-from worldmodel.errors import WorldModelError
 
 POSITIVE_INT, POSITIVE = "a positive integer", "a positive number"
 
@@ -177,10 +176,8 @@ class Evolve:
         require(self, lambda v: 0 <= v < 1, "a number in [0, 1)", "dream_dropout")
         require(self, lambda v: 0 < v < 1, "a probability in (0, 1)", "done_threshold")
         require(self, null_or_positive, "null (all cores) or a positive integer", "workers")
-        if self.mirrored and self.popsize % 2:
-            raise WorldModelError(
-                f"config key 'evolve.popsize' must be even with evolve.mirrored=true (got {self.popsize})"
-            )
+        if self.mirrored:  # antithetic pairs
+            require(self, lambda v: v % 2 == 0, "even with evolve.mirrored=true", "popsize")
 
 
 @dataclass
