@@ -53,6 +53,18 @@ def best_of(fn: Callable[[], float], repeats: int = 3) -> float:
     return max(fn() for _ in range(repeats))
 
 
+def lockstep_rate(
+    envs: list, vae: VAE, rnn: MDNRNN, controller: Controller, params: np.ndarray, slots: int
+) -> float:
+    """Env steps/s of one real-mode agent (V + M + C) driving `slots` envs in lockstep for 300 steps,
+    row i with params[i]: one batched forward per step, as an evolve worker."""
+    agent = Agent(vae, rnn, controller, slots)
+    agent.set_params(params[:slots])
+    t = time.perf_counter()
+    done = play(envs[:slots], agent, list(range(slots)), 300)
+    return sum(r.steps for r in done) / (time.perf_counter() - t)
+
+
 def record(figure: str, value: float, baseline: float, target: str, ratio: float | None = None) -> None:
     ratio = value / baseline if ratio is None else ratio
     RESULTS.append(
@@ -260,11 +272,7 @@ def run_all(store: Path) -> None:
     envs = [fast_env] + [make_env(base.env) for _ in range(3)]
 
     def worker_rate(slots: int) -> float:
-        agent = Agent(vae, rnn, controller, slots)
-        agent.set_params(params[:slots])
-        t = time.perf_counter()
-        done = play(envs[:slots], agent, list(range(slots)), 300)
-        return sum(r.steps for r in done) / (time.perf_counter() - t)
+        return lockstep_rate(envs, vae, rnn, controller, params, slots)
 
     raw = best_of(lambda: steps_per_s(fast_env.env, 300))
     record(

@@ -11,7 +11,6 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from worldmodel.control.agent import Agent, play, worker_inference  # noqa: E402
+from worldmodel.control.agent import worker_inference  # noqa: E402
 from worldmodel.envs.pixels import make_env  # noqa: E402
 from worldmodel.models.controller import Controller  # noqa: E402
 from worldmodel.models.mdnrnn import MDNRNN  # noqa: E402
@@ -63,18 +62,13 @@ def main() -> None:
     envs = [make_env(env_cfg) for _ in range(4)]
     agents = {"eager": vae, "frozen": frozen_copy(vae)}
 
-    def rate(v: VAE, slots: int) -> float:
-        agent = Agent(v, rnn, controller, slots)
-        agent.set_params(params[:slots])
-        t = time.perf_counter()
-        done = play(envs[:slots], agent, list(range(slots)), 300)
-        return sum(r.steps for r in done) / (time.perf_counter() - t)
-
     for repeat in range(args.repeats):
         raw = bench.best_of(lambda: bench.steps_per_s(envs[0].env, 300))
         for name, v in agents.items():
             for slots in (1, 4):
-                steps = max(rate(v, slots) for _ in range(3))
+                steps = bench.best_of(
+                    lambda v=v, k=slots: bench.lockstep_rate(envs, v, rnn, controller, params, k)
+                )
                 print(f"repeat {repeat} {name:6s} {slots} envs: {steps:6.1f} steps/s, raw env {raw:6.1f}")
 
 
