@@ -189,6 +189,30 @@ def test_settings_are_typed_by_construction():
     assert isinstance(evolve.clip_actions, list) and isinstance(evolve.popsize, int)
 
 
+def test_a_runs_settings_come_from_its_logged_config_with_keys_it_predates(tmp_path):
+    from omegaconf import OmegaConf
+
+    from worldmodel.config.sections import Evolve, Mode
+
+    cfg = compose_config(f"paths.outputs={tmp_path}", "evolve.popsize=12", "evolve.mode=dream")
+    tracking.setup(cfg)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["evolve"]["memory_sigma"], old["evolve"]["mirrored"]  # keys added after this run was made
+    old["evolve"]["retired_key"] = 1  # a key since removed
+    texts = {"now": OmegaConf.to_yaml(cfg), "old": OmegaConf.to_yaml(old), "bad": "{: [\x00"}
+    ids = {}
+    for name, text in texts.items():
+        with mlflow.start_run() as run:
+            mlflow.log_text(text, "config/config.yaml")
+        ids[name] = run.info.run_id
+    now = tracking.run_settings(mlflow.get_run(ids["now"]), Evolve)
+    assert now.popsize == 12 and now.mode is Mode.dream and isinstance(now.sigma0, float)
+    old = tracking.run_settings(mlflow.get_run(ids["old"]), Evolve)
+    assert (old.memory_sigma, old.mirrored, old.popsize) == (1.0, False, 12), "what it did before the keys"
+    with pytest.raises(WorldModelError, match=f"run {ids['bad']}: config/config.yaml holds no evolve"):
+        tracking.run_settings(mlflow.get_run(ids["bad"]), Evolve)
+
+
 def _collect_sweep(tmp_path, *launcher: str) -> None:
     """Two collect jobs (seed=1,2) as one Hydra multirun with `launcher`; both logged to one store."""
     out = subprocess.run(

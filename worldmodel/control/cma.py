@@ -12,7 +12,9 @@ import cma
 import numpy as np
 
 from worldmodel import tracking
+from worldmodel.config.sections import Evolve
 from worldmodel.errors import WorldModelError
+from worldmodel.models.controller import Controller
 from worldmodel.tracking.lineage import HISTORY
 
 
@@ -35,6 +37,12 @@ def new_es(
     if mirrored:
         options |= {"CMA_mirrors": popsize // 2, "CMA_mirrormethod": 0}
     return cma.CMAEvolutionStrategy(np.zeros(n_params), sigma0, options)
+
+
+def es_for(controller: Controller, hp: Evolve, seed: int) -> cma.CMAEvolutionStrategy:
+    """The CMA-ES an evolve run with settings `hp` and seed `seed` starts with, for `controller`."""
+    scales = controller.step_scales(hp.memory_sigma).numpy()
+    return new_es(controller.n_params, hp.popsize, hp.sigma0, seed + 1, scales, hp.mirrored)
 
 
 def digest(solutions: np.ndarray) -> str:

@@ -214,16 +214,13 @@ def _named_controllers(cfg: DictConfig, world: tracking.World) -> dict[str, tupl
 def _history_means(cfg: DictConfig, run, controller: Controller, name: str) -> dict[str, np.ndarray]:
     """CMA-ES's mean after `dream.fidelity_history` generations spread over the run (none without a
     history): controllers of every quality the run went through."""
-    dream = settings(cfg, Dream)
-    wanted, params = dream.fidelity_history, run.data.params
+    wanted = settings(cfg, Dream).fidelity_history
     if not wanted or lineage.HISTORY not in tracking.list_artifacts(run.info.run_id, "cma"):
         return {}
-    popsize, sigma0 = int(params["evolve.popsize"]), float(params["evolve.sigma0"])
-    scales = controller.step_scales(float(params.get("evolve.memory_sigma", 1.0))).numpy()
-    mirrored = params.get("evolve.mirrored", "False") == "True"
-    es = cma_history.new_es(controller.n_params, popsize, sigma0, int(params["seed"]) + 1, scales, mirrored)
+    hp = tracking.run_settings(run, Evolve)
+    es = cma_history.es_for(controller, hp, int(run.data.params["seed"]))
     means = {}
-    for gen, *_ in cma_history.replay(es, run.info.run_id, popsize):
+    for gen, *_ in cma_history.replay(es, run.info.run_id, hp.popsize):
         means[gen] = np.asarray(es.mean, np.float32).copy()
     picks = np.unique(np.linspace(0, len(means) - 1, wanted).round().astype(int))
     return {f"{name} gen {g}": means[int(g)] for g in picks}

@@ -211,8 +211,8 @@ def _cma_state(
 ) -> tuple[cma.CMAEvolutionStrategy, dict, dict[str, list]]:
     """A new CMA-ES, or the one of `inputs.resume` rebuilt by replaying its history: the same asks (own
     seeded generator, checked against the stored digests) told the same fitness."""
-    n_params, scales = controller.n_params, controller.step_scales(hp.memory_sigma).numpy()
-    es = cma_history.new_es(n_params, hp.popsize, hp.sigma0, cfg.seed + 1, scales, hp.mirrored)
+    n_params = controller.n_params
+    es = cma_history.es_for(controller, hp, cfg.seed)
     best = {"fitness": -np.inf, "params": np.zeros(n_params, np.float32), "generation": -1}
     history: dict[str, list] = {"fitness": [], "digest": []}
     if not cfg.inputs.resume or lineage.HISTORY not in tracking.list_artifacts(cfg.inputs.resume, "cma"):

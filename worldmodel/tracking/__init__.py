@@ -20,6 +20,7 @@ from worldmodel.tracking.lineage import (
     first_frames,
     resolve_run,
     resolve_world,
+    run_settings,
     upstream,
     upstream_run,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "log_model",
     "resolve_run",
     "resolve_world",
+    "run_settings",
     "run_name",
     "run_status",
     "setup",

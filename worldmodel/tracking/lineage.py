@@ -5,17 +5,19 @@ finding a run's inputs: by explicit run id, or the latest FINISHED compatible ru
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.config import RESUMABLE, settings
+from worldmodel.config import RESUMABLE, Settings, settings
 from worldmodel.config.sections import Evolve, InitialZ
 from worldmodel.errors import WorldModelError
 from worldmodel.models.checkpoints import load_checkpoint
@@ -32,6 +34,7 @@ HISTORY = "cma/history.npz"  # evolve: CMA-ES's fitness history, for resume and 
 SCORES, HISTOGRAM = "scores.csv", "score_histogram.png"  # evolve's final evaluation, evaluate
 REPORT = (SCORES, HISTOGRAM, "gifs/*.gif")
 PLAY = "play.gif"  # play
+CONFIG = "config/config.yaml"  # every run: its resolved config
 
 # What each stage writes itself, relative to its artifact root (globs): the reaper removes the partial
 # files of exactly these names (files.partial_of), and no other file.
@@ -206,6 +209,26 @@ def check_agent_z(cfg: DictConfig, made_by: Run) -> None:
             f"config key 'agent.z' is {cfg.agent.z} but {made_by.data.tags.get('stage', 'run')} run "
             f"{made_by.info.run_id} was made with agent.z={made}; set agent.z={made} or use another run"
         )
+
+
+# Config keys a run may predate, with the behaviour it had before they existed.
+PREDATES = {"evolve": {"memory_sigma": 1.0, "mirrored": False}}
+
+
+def run_settings(run: Run, cls: type[Settings]) -> Settings:
+    """The section `cls.SECTION` as `run` was made with it: its logged `config/config.yaml` (YAML, read
+    without pickle), keys it predates as `PREDATES` gives them, and keys since removed left out."""
+    name, path = cls.SECTION, artifact_path(run.info.run_id, CONFIG)
+    try:
+        section = OmegaConf.to_container(OmegaConf.load(path)[name])
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, KeyError, TypeError, ValueError) as err:
+        section = err.__class__.__name__
+    if not isinstance(section, dict):
+        raise WorldModelError(
+            f"run {run.info.run_id}: {CONFIG} holds no {name} section ({section}); name a run of this version"
+        )
+    section = {k: v for k, v in section.items() if k in {f.name for f in fields(cls)}}
+    return settings(OmegaConf.create({name: PREDATES.get(name, {}) | section}), cls)
 
 
 def agent_files(evolve_run: Run) -> dict[str, str]:

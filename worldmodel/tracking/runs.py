@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel import files
 from worldmodel.config import PROJECT_ROOT, flatten
 from worldmodel.errors import WorldModelError
-from worldmodel.tracking.lineage import WRITES, upstream_tags
+from worldmodel.tracking.lineage import CONFIG, WRITES, upstream_tags
 from worldmodel.tracking.store import setup, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _tags(
 
 def _log_config(cfg: DictConfig) -> Path | None:
     """The resolved config, and Hydra's `.hydra/` folder; returns Hydra's output folder, if any."""
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), CONFIG)
     hydra_dir = _hydra_output_dir()
     if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
         mlflow.log_artifacts(str(hydra_dir / ".hydra"), "config/hydra")
