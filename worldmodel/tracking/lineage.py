@@ -221,13 +221,15 @@ def run_settings(run: Run, cls: type[Settings]) -> Settings:
     name, path = cls.SECTION, artifact_path(run.info.run_id, CONFIG)
     try:
         section = OmegaConf.to_container(OmegaConf.load(path)[name])
+        if not isinstance(section, dict):
+            raise TypeError(f"{name} is a {type(section).__name__}")
     except (OSError, yaml.YAMLError, OmegaConfBaseException, KeyError, TypeError, ValueError) as err:
-        section = err.__class__.__name__
-    if not isinstance(section, dict):
         raise WorldModelError(
-            f"run {run.info.run_id}: {CONFIG} holds no {name} section ({section}); name a run of this version"
-        )
-    section = {k: v for k, v in section.items() if k in {f.name for f in fields(cls)}}
+            f"run {run.info.run_id}: {CONFIG} holds no {name} section ({err.__class__.__name__}); "
+            "name a run of this version"
+        ) from err
+    known = {f.name for f in fields(cls)}
+    section = {k: v for k, v in section.items() if k in known}
     return settings(OmegaConf.create({name: PREDATES.get(name, {}) | section}), cls)
 
 
