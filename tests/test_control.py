@@ -1,8 +1,11 @@
 """C and the dream: the controller, batched dreams, evolve (real and dream), the dream stage, the pipeline."""
 
+import hashlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +19,7 @@ from PIL import Image
 
 from tests.conftest import children_of, in_order
 from worldmodel import tracking
+from worldmodel.config import PROJECT_ROOT
 from worldmodel.control.agent import standardisation
 from worldmodel.control.dream import dream_rollouts, initial_latents
 from worldmodel.errors import WorldModelError
@@ -211,6 +215,34 @@ def test_worker_pool_replaces_a_hung_worker(tmp_path):
     with WorkerPool(2, _init, (str(tmp_path),), _square_or_hang, timeout=4) as pool:
         assert in_order(pool, list(range(6))) == [0, 1, 4, 9, 16, 25]
         assert pool.replaced == 1
+
+
+def _digest(blob, payload):
+    return hashlib.sha256(blob).hexdigest(), payload
+
+
+def test_worker_pool_sends_init_arguments_past_a_pipes_size_whole_and_refuses_unpicklable_ones_at_once():
+    blob = np.random.default_rng(0).bytes(4 << 20)  # V and M's weights: megabytes
+    sha = hashlib.sha256(blob).hexdigest()
+    with WorkerPool(2, _init, (blob,), _digest, timeout=60) as pool:
+        assert in_order(pool, [0, 1, 2]) == [(sha, 0), (sha, 1), (sha, 2)]
+    before = set(mp.active_children())
+    with pytest.raises(TypeError, match="pickle"):
+        WorkerPool(2, _init, (threading.Lock(),), _digest, timeout=60)
+    assert set(mp.active_children()) == before, "no worker started"
+
+
+def test_workers_killed_before_they_read_their_init_arguments_do_not_hold_up_the_parents_exit():
+    script = (
+        "from tests.test_control import _digest, _init\n"
+        "from worldmodel.parallel.local import WorkerPool\n"
+        "pool = WorkerPool(2, _init, (bytes(4 << 20),), _digest, timeout=60)\n"
+        "for proc, _ in pool.procs.values():\n"
+        "    proc.kill()  # still importing torch: its 4 MB are unread in the queue's pipe\n"
+        "pool.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_evolve_dream_run(smoke, evolve_run, rnn_run):

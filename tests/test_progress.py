@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worldmodel.tracking.progress import progress_bar
+from worldmodel.progress import progress_bar
 
 
 def test_a_bar_in_a_log_is_a_few_plain_lines(capsys):

@@ -19,8 +19,8 @@ from worldmodel.control.agent import Agent, Rollout, load_rnn, load_vae, play, w
 from worldmodel.envs.pixels import make_env
 from worldmodel.models.controller import Controller
 from worldmodel.parallel.pool import Pool, make_pool
+from worldmodel.progress import progress_bar
 from worldmodel.seeds import EVAL, seed_of
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from worldmodel.errors import WorldModelError
@@ -67,13 +68,11 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _worker_main(
-    init: Callable, init_args: tuple, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int
-) -> None:
+def _worker_main(init: Callable, task: Callable, tasks: mp.Queue, results: mp.Queue, wid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.setpgid(0, 0)  # its own group: see _kill_group
     _exit_with_parent()
-    state = init(*init_args)
+    state = init(*ForkingPickler.loads(tasks.get()))  # init's arguments: see WorkerPool._spawn
     results.put((wid, None, True, "ready"))  # timeouts count from here, not from process start
     while (item := tasks.get()) is not None:
         tid, payload = item
@@ -98,7 +97,8 @@ class WorkerPool(Pool):
         """`workers` processes, None for one per core, and never more than `most` (the tasks there are)."""
         workers = min(workers or os.cpu_count() or 1, most or 1 << 30)
         self.ctx = mp.get_context("spawn")
-        self.init, self.init_args, self.task = init, init_args, task
+        self.init, self.task = init, task
+        self.init_args = bytes(ForkingPickler.dumps(init_args))  # once; what cannot be pickled fails here
         self.timeout, self.max_attempts = timeout, max_attempts
         self.start_timeout = start_timeout if start_timeout is not None else max(timeout, 60.0)
         self.results: mp.Queue = self.ctx.Queue()
@@ -113,11 +113,16 @@ class WorkerPool(Pool):
 
     def _spawn(self) -> None:
         wid, self._next_wid = self._next_wid, self._next_wid + 1
+        # init's arguments (model weights: megabytes) go by the task queue, not with the process: start()
+        # writes the process into a pipe, and past the pipe's 64 KiB it blocks until the new process has
+        # imported torch and read it, so the workers would start one after the other.
         tasks = self.ctx.Queue()
+        tasks.cancel_join_thread()  # a worker that dies unread must not keep this process from exiting
+        tasks.put(self.init_args)
         proc = self.ctx.Process(
             target=_worker_main,
             daemon=True,
-            args=(self.init, self.init_args, self.task, tasks, self.results, wid),
+            args=(self.init, self.task, tasks, self.results, wid),
         )
         with _signals_held():
             proc.start()

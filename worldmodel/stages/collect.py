@@ -32,8 +32,8 @@ from worldmodel.errors import WorldModelError
 from worldmodel.files import partial_of
 from worldmodel.images import mosaic
 from worldmodel.parallel.pool import make_pool
+from worldmodel.progress import progress_bar
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

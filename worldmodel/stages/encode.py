@@ -22,9 +22,9 @@ from worldmodel.control.agent import load_vae
 from worldmodel.data import latents
 from worldmodel.errors import WorldModelError
 from worldmodel.models.vae import VAE, to_input
+from worldmodel.progress import progress_bar
 from worldmodel.stages.merge import dataset_of
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

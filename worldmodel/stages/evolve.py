@@ -49,10 +49,10 @@ from worldmodel.errors import WorldModelError
 from worldmodel.models.checkpoints import save_checkpoint
 from worldmodel.models.controller import Controller
 from worldmodel.models.mdnrnn import MDNRNN
+from worldmodel.progress import progress_bar
 from worldmodel.seeds import NORM, TRAIN, seed_of
 from worldmodel.stages.evaluate import report
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from worldmodel.config.sections import Merge
 from worldmodel.data import rollouts
 from worldmodel.data.merge import merge_files
 from worldmodel.errors import WorldModelError
+from worldmodel.progress import progress_bar
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from worldmodel.data.datasets import episodes_in
 from worldmodel.errors import WorldModelError
 from worldmodel.models.checkpoints import load_module
 from worldmodel.models.mdnrnn import MDNRNN, MDNLoss, MDNRNNStep, mdn_loss
+from worldmodel.progress import progress_bar
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 STAGE = "train_rnn"

@@ -29,9 +29,9 @@ from worldmodel.errors import WorldModelError
 from worldmodel.images import mosaic
 from worldmodel.models.checkpoints import load_module
 from worldmodel.models.vae import SIZES, VAE, VAELoss, to_frames, to_input, vae_loss
+from worldmodel.progress import progress_bar
 from worldmodel.stages.merge import dataset_of
 from worldmodel.tracking import lineage
-from worldmodel.tracking.progress import progress_bar
 
 log = logging.getLogger(__name__)
 STAGE = "train_vae"
